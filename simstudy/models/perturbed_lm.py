@@ -1,0 +1,219 @@
+"""The perturbed language model p(y | x, z) and its marginal m(y | x) (DESIGN §2, §5).
+
+``PerturbedLM`` joins a frozen embedding matrix E, a perturbation map G_phi and a
+network f_theta. Its one workhorse, :meth:`PerturbedLM.log_probs`, evaluates B data
+times K latent draws in one forward pass of B*K rows; every estimating equation,
+metric and sampler in simstudy goes through it (or through :meth:`log_lik`).
+
+The same interface (``vocab_size``, ``perturbation``, ``sample_latent``,
+``log_probs``) is what the estimating equations need, so an LLM wrapper that
+provides it (simstudy.llm) reuses them unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import quadrature
+from .networks import CONTINUATIONS, Network
+from .perturbations import DiscreteSubstitution, NoPerturbation, Perturbation
+
+
+@dataclass
+class Marginal:
+    """A model marginal m(. | x) over the next token for N prefixes.
+
+    ``probs`` ``(N, V)``; ``error`` ``(N, V)``: the absolute change when the
+    quadrature nodes are doubled, or the Monte Carlo standard error; ``method``
+    names the rule and its size.
+    """
+
+    probs: np.ndarray
+    error: np.ndarray
+    method: str
+
+    @property
+    def max_error(self) -> float:
+        return float(np.max(self.error)) if self.error.size else 0.0
+
+
+class PerturbedLM(nn.Module):
+    """p(y | x, z) = prod_j softmax(f_theta([E(x) + G_phi(z), E(y_<j)]))_{y_j} (DESIGN §2).
+
+    Parameters
+    ----------
+    embedding : tensor (V, d)
+        Token embeddings E, frozen (a buffer, never trained).
+    network : Network
+        f_theta.
+    perturbation : Perturbation
+        G_phi; ``NoPerturbation`` gives the unperturbed model.
+    continuation : {"iid", "autoregressive"}
+        How the c observations of a datum depend on each other given z.
+    """
+
+    def __init__(self, *, embedding: torch.Tensor, network: Network, perturbation: Perturbation,
+                 continuation: str = "iid") -> None:
+        super().__init__()
+        if continuation not in CONTINUATIONS:
+            raise ValueError(f"continuation={continuation!r} is unknown; allowed: {', '.join(CONTINUATIONS)}")
+        self.register_buffer("embedding", embedding.detach().clone())  # (V, d), frozen
+        self.network = network
+        self.perturbation = perturbation
+        self.continuation = continuation
+
+    # ---- sizes -------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embedding.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embedding.shape[1])
+
+    @property
+    def prefix_len(self) -> int:
+        return self.perturbation.prefix_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+    # ---- sampling and likelihood -------------------------------------------------
+    def sample_latent(self, x: torch.Tensor, num_draws: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prior draws of the latent, ``(B, K, *latent_shape)``."""
+        return self.perturbation.sample_latent(x, num_draws, generator, dtype=self.dtype)
+
+    def log_probs(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None) -> torch.Tensor:
+        """Log next-token distributions for every observation and draw, one forward pass.
+
+        x : (B, L) prefix token ids; y : (B, c) observations (None: c = 1, the next token);
+        latent : (B, K, ...) draws (None: the unperturbed prefix, K = 1).
+        Returns (B, K, c, V) log-probabilities, log_softmax of the logits.
+        """
+        B = x.shape[0]
+        if latent is None:
+            latent = NoPerturbation(prefix_len=x.shape[1], embed_dim=self.embed_dim).sample_latent(x, 1, dtype=self.dtype)
+            perturbed = self.embedding[x][:, None]  # (B, 1, L, d)
+        else:
+            perturbed = self.perturbation(self.embedding[x], latent, x)  # (B, K, L, d)
+        K = perturbed.shape[1]
+        c = 1 if y is None else y.shape[1]
+        flat = perturbed.reshape(B * K, self.prefix_len, self.embed_dim)  # (B*K, L, d)
+        previous = None
+        if c > 1 and self.continuation == "autoregressive":
+            previous = self.embedding[y[:, :-1]]  # (B, c-1, d)
+            previous = previous[:, None].expand(B, K, c - 1, self.embed_dim).reshape(B * K, c - 1, self.embed_dim)
+        elif c > 1:
+            previous = flat.new_zeros(B * K, c - 1, self.embed_dim)  # shapes only: iid ignores them
+        logits = self.network(flat, previous, self.continuation)  # (B*K, c, V)
+        return torch.log_softmax(logits, dim=-1).view(B, K, c, self.vocab_size)
+
+    def token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """log p(y_j | x, y_<j, z_k) for every observation: (B, K, c)."""
+        logp = self.log_probs(x, y, latent)  # (B, K, c, V)
+        index = y[:, None, :, None].expand(-1, logp.shape[1], -1, 1)  # (B, K, c, 1)
+        return logp.gather(-1, index).squeeze(-1)
+
+    def log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """log p(y | x, z_k) of the whole datum (sum over the c observations): (B, K)."""
+        return self.token_log_lik(x, y, latent).sum(-1)
+
+    # ---- marginals -----------------------------------------------------------------
+    def can_integrate(self) -> bool:
+        """True when the marginal can be computed by deterministic quadrature."""
+        p = self.perturbation
+        if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
+            return True
+        if isinstance(p, DiscreteSubstitution):
+            return self.vocab_size ** self.prefix_len <= 200_000
+        return p.gaussian_latent and p.latent_dim <= 3
+
+    @torch.no_grad()
+    def log_marginal_nodes(self, x: torch.Tensor, y: torch.Tensor | None, rule: quadrature.Rule,
+                           max_rows: int = 2_000_000) -> torch.Tensor:
+        """log E_z p(y | x, z) by a quadrature rule, in chunks of data.
+
+        Returns (B, c, V) log marginals of each observation's next-token distribution
+        when ``y`` is None or c = 1, which is what the metrics need (N, 1, V).
+        """
+        nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
+        log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
+        M = nodes.shape[0]
+        V = self.vocab_size
+        chunk = max(1, max_rows // (M * max(V, 1) // 64 + 1))
+        out = []
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            yb = None if y is None else y[start:start + chunk]
+            latent = nodes[None].expand(xb.shape[0], M, -1)  # (b, M, q)
+            logp = self.log_probs(xb, yb, latent)  # (b, M, c, V)
+            out.append(torch.logsumexp(logp + log_w[None, :, None, None], dim=1))  # (b, c, V)
+        return torch.cat(out, dim=0)
+
+    @torch.no_grad()
+    def marginal(self, x: torch.Tensor, *, method: str = "auto", num_nodes: int | None = None,
+                 num_draws: int = 1000, generator: torch.Generator | None = None) -> Marginal:
+        """The next-token marginal m(. | x) for N prefixes, ``(N, V)``, with its error.
+
+        method : "auto" (quadrature when possible, else Monte Carlo), "quadrature"
+            (trapezoid, error by doubling the nodes), "gauss-hermite", or "mc"
+            (K-sample Monte Carlo with its standard error).
+        """
+        p = self.perturbation
+        if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
+            probs = self.log_probs(x, None, None)[:, 0, 0].exp()
+            return Marginal(probs.cpu().numpy(), np.zeros(tuple(probs.shape)), "exact (no perturbation)")
+        if method == "auto":
+            method = "quadrature" if self.can_integrate() else "mc"
+        if isinstance(p, DiscreteSubstitution) and method != "mc":
+            return self._discrete_marginal(x)
+        if method in ("quadrature", "trapezoid", "gauss-hermite"):
+            if not (p.gaussian_latent and p.latent_dim <= 3):
+                raise ValueError(f"method={method!r} needs a Gaussian latent of dimension <= 3; use method='mc'")
+            name = "gauss-hermite" if method == "gauss-hermite" else "trapezoid"
+            if num_nodes is None:
+                rule = quadrature.default_rule(p.latent_dim)
+                if name == "gauss-hermite":
+                    rule = quadrature.gauss_hermite(rule.num_nodes_per_dim, p.latent_dim)
+            else:
+                rule = quadrature.make_rule(name, num_nodes, p.latent_dim)
+            coarse = self.log_marginal_nodes(x, None, rule)[:, 0].exp()
+            fine = self.log_marginal_nodes(x, None, quadrature.refined(rule))[:, 0].exp()
+            err = (fine - coarse).abs()
+            return Marginal(fine.cpu().numpy(), err.cpu().numpy(), f"{name} ({quadrature.refined(rule).size} nodes)")
+        if method != "mc":
+            raise ValueError(f"method={method!r} is unknown; allowed: auto, quadrature, gauss-hermite, mc")
+        probs_sum = torch.zeros(x.shape[0], self.vocab_size, dtype=self.dtype, device=x.device)
+        sq_sum = torch.zeros_like(probs_sum)
+        batch = max(1, min(num_draws, 2_000_000 // max(1, x.shape[0] * self.vocab_size)))
+        done = 0
+        while done < num_draws:
+            k = min(batch, num_draws - done)
+            probs = self.log_probs(x, None, self.sample_latent(x, k, generator))[:, :, 0].exp()  # (N, k, V)
+            probs_sum += probs.sum(1)
+            sq_sum += (probs ** 2).sum(1)
+            done += k
+        mean = probs_sum / num_draws
+        var = (sq_sum / num_draws - mean ** 2).clamp_min(0) * num_draws / max(num_draws - 1, 1)
+        return Marginal(mean.cpu().numpy(), (var / num_draws).sqrt().cpu().numpy(), f"monte carlo (K={num_draws})")
+
+    def _discrete_marginal(self, x: torch.Tensor) -> Marginal:
+        """Exact marginal of the discrete substitution model by enumerating prefixes."""
+        p: DiscreteSubstitution = self.perturbation
+        V, L = self.vocab_size, self.prefix_len
+        all_prefixes = torch.cartesian_prod(*[torch.arange(V, device=x.device)] * L).view(-1, L)  # (V^L, L)
+        probs_all = self.log_probs(all_prefixes, None, None)[:, 0, 0].exp()  # (V^L, V)
+        P = p.transition().to(self.dtype)  # (V, V): P[v, u] = P(u | v)
+        weights = torch.ones(x.shape[0], 1, dtype=self.dtype, device=x.device)
+        for l in range(L):  # weight of each substituted prefix, position by position
+            weights = (weights[:, :, None] * P[x[:, l]][:, None, :]).reshape(x.shape[0], -1)  # (N, V^(l+1))
+        probs = weights @ probs_all  # (N, V)
+        return Marginal(probs.cpu().numpy(), np.zeros(tuple(probs.shape)), "exact (enumeration)")
+
+    def describe(self) -> dict:
+        return {"network": type(self.network).__name__, "perturbation": type(self.perturbation).__name__,
+                "continuation": self.continuation, "num_parameters": sum(p.numel() for p in self.parameters())}
