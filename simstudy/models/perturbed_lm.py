@@ -132,26 +132,36 @@ class PerturbedLM(nn.Module):
             return self.vocab_size ** self.prefix_len <= 200_000
         return p.gaussian_latent and p.latent_dim <= 3
 
-    @torch.no_grad()
-    def log_marginal_nodes(self, x: torch.Tensor, y: torch.Tensor | None, rule: quadrature.Rule,
-                           max_rows: int = 2_000_000) -> torch.Tensor:
-        """log E_z p(y | x, z) by a quadrature rule, in chunks of data.
+    def quadrature_log_lik(self, x: torch.Tensor, y: torch.Tensor, rule: quadrature.Rule) -> torch.Tensor:
+        """log m(y | x) = log E_z p(y | x, z) of each whole datum by a quadrature rule: (B,).
 
-        Returns (B, c, V) log marginals of each observation's next-token distribution
-        when ``y`` is None or c = 1, which is what the metrics need (N, 1, V).
+        Differentiable (autograd flows to the parameters): the exact population
+        objective of the likelihood equations (DESIGN §3) and the exact solver use it.
         """
         nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
         log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
-        M = nodes.shape[0]
-        V = self.vocab_size
-        chunk = max(1, max_rows // (M * max(V, 1) // 64 + 1))
-        out = []
-        for start in range(0, x.shape[0], chunk):
-            xb = x[start:start + chunk]
-            yb = None if y is None else y[start:start + chunk]
-            latent = nodes[None].expand(xb.shape[0], M, -1)  # (b, M, q)
-            logp = self.log_probs(xb, yb, latent)  # (b, M, c, V)
-            out.append(torch.logsumexp(logp + log_w[None, :, None, None], dim=1))  # (b, c, V)
+        latent = nodes[None].expand(x.shape[0], -1, -1)  # (B, M, q)
+        return torch.logsumexp(self.log_lik(x, y, latent) + log_w, dim=1)  # (B,)
+
+    def quadrature_token_log_marginals(self, x: torch.Tensor, y: torch.Tensor | None,
+                                       rule: quadrature.Rule) -> torch.Tensor:
+        """Per-token log marginals log E_z p(y_j = . | x, y_<j, z): (B, c, V).
+
+        The per-token marginal of DESIGN §2 (latent scope "per-token"), differentiable.
+        """
+        nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
+        log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
+        latent = nodes[None].expand(x.shape[0], -1, -1)  # (B, M, q)
+        logp = self.log_probs(x, y, latent)  # (B, M, c, V)
+        return torch.logsumexp(logp + log_w[None, :, None, None], dim=1)  # (B, c, V)
+
+    @torch.no_grad()
+    def log_marginal_nodes(self, x: torch.Tensor, y: torch.Tensor | None, rule: quadrature.Rule,
+                           max_rows: int = 2_000_000) -> torch.Tensor:
+        """:meth:`quadrature_token_log_marginals` without autograd, in chunks of data: (B, c, V)."""
+        chunk = max(1, max_rows // (rule.size * max(self.vocab_size, 1) // 64 + 1))
+        out = [self.quadrature_token_log_marginals(x[s:s + chunk], None if y is None else y[s:s + chunk], rule)
+               for s in range(0, x.shape[0], chunk)]
         return torch.cat(out, dim=0)
 
     @torch.no_grad()

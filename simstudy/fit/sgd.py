@@ -1,0 +1,196 @@
+"""Stochastic solver: Adam or SGD on a stochastic estimating equation (DESIGN §3).
+
+Fresh latent draws at every step; the latent noise does not shrink with n, so the
+step budget scales with n (``passes`` over the data) and the learning rate decays
+(Robbins-Monro). Optional early stopping on a held-out in-support split, scored
+by the held-out log marginal likelihood (quadrature when the latent allows it,
+else a fixed-seed IWAE bound). Non-finite or exploding losses raise
+:class:`FitDiverged`, which a study records as a failure.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import quadrature
+from .results import FitDiverged, FitResult
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant", "inverse")
+
+
+@dataclass
+class SGDConfig:
+    """Settings of the stochastic solver (all keyword, validated on creation)."""
+
+    optimizer: str = field(default="adam", metadata={"help": "adam or sgd"})
+    lr: float = field(default=0.02, metadata={"help": "initial learning rate"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (to lr * final_lr_fraction), constant, inverse"})
+    final_lr_fraction: float = field(default=0.05, metadata={"help": "last learning rate / initial"})
+    batch_size: int = field(default=256, metadata={"help": "data per minibatch"})
+    passes: float = field(default=50.0, metadata={"help": "passes over the training data: steps = passes * n / batch"})
+    steps: int | None = field(default=None, metadata={"help": "a fixed step count (overrides passes)"})
+    min_steps: int = field(default=200, metadata={"help": "floor on the step budget"})
+    max_steps: int = field(default=20000, metadata={"help": "ceiling on the step budget"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "held-out share for early stopping (0: none)"})
+    eval_every: int = field(default=100, metadata={"help": "steps between validation scores"})
+    patience: int = field(default=10, metadata={"help": "validation scores without improvement before stopping"})
+    validation_draws: int = field(default=64, metadata={"help": "IWAE draws when quadrature is not available"})
+    explode_factor: float = field(default=1e3, metadata={"help": "loss above factor * (|initial| + 1) is divergence"})
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 penalty on the parameters"})
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        for name in ("lr", "passes", "explode_factor"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; allowed: a float > 0")
+        for name in ("batch_size", "min_steps", "max_steps", "eval_every", "patience", "validation_draws"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; allowed: an integer >= 1")
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"steps={self.steps} is invalid; allowed: an integer >= 1 or None")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction={self.validation_fraction} is invalid; allowed: a float in [0, 1)")
+        if not 0 < self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction={self.final_lr_fraction} is invalid; allowed: a float in (0, 1]")
+
+    def budget(self, n: int) -> int:
+        """The number of steps for n training data."""
+        if self.steps is not None:
+            return int(self.steps)
+        steps = math.ceil(self.passes * n / self.batch_size)
+        return int(min(max(steps, self.min_steps), self.max_steps))
+
+
+def learning_rate(config: SGDConfig, step: int, total: int) -> float:
+    """The scheduled learning rate at ``step`` of ``total``."""
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "inverse":
+        return config.lr / (1.0 + 10.0 * step / max(total, 1))
+    floor = config.lr * config.final_lr_fraction
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+@torch.no_grad()
+def held_out_score(model, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 64, seed: int = 0) -> float:
+    """Mean held-out log m(y | x): quadrature when possible, else a fixed-seed IWAE bound."""
+    p = model.perturbation
+    if not p.perturb_at_eval or p.latent_dim == 0:
+        return float(model.log_lik(x, y, None).mean())
+    if p.gaussian_latent and p.latent_dim <= 2:
+        rule = quadrature.trapezoid(61 if p.latent_dim == 1 else 25, p.latent_dim)
+        return float(model.quadrature_log_lik(x, y, rule).mean())
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    latent = model.sample_latent(x, num_draws, gen)
+    return float((torch.logsumexp(model.log_lik(x, y, latent), dim=1) - math.log(num_draws)).mean())
+
+
+def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDConfig | None = None,
+            generator: torch.Generator | None = None, progress=None) -> FitResult:
+    """Solve ``equation`` on data (x (n, L), y (n, c)) by stochastic optimisation.
+
+    Parameters
+    ----------
+    model : PerturbedLM (or any model the equation accepts), modified in place.
+    equation : an object with ``loss(model, x, y, generator=, index=)`` (simstudy.equations).
+    config : SGDConfig.
+    generator : torch.Generator for minibatches and latent draws (seed it for reproducibility).
+    progress : optional callable(step, total, loss) for progress reporting.
+
+    Raises
+    ------
+    FitDiverged when the loss or parameters become non-finite or the loss explodes.
+    """
+    config = config or SGDConfig()
+    generator = generator or torch.Generator().manual_seed(0)
+    n = x.shape[0]
+    if n < 1:
+        raise ValueError(f"n={n} is invalid; allowed: at least one datum")
+    order = torch.randperm(n, generator=generator)
+    n_val = int(round(config.validation_fraction * n)) if config.validation_fraction > 0 else 0
+    n_val = min(n_val, n - 1)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    n_train = train_idx.numel()
+    total = config.budget(n_train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+    batch = min(config.batch_size, n_train)
+    permutation, cursor = train_idx[torch.randperm(n_train, generator=generator)], 0
+    history, stat_sums, ema, initial = [], {}, None, None
+    best_score, best_state, best_step, bad_evals, stopped_early = -math.inf, None, 0, 0, False
+    started = time.perf_counter()
+    step = 0
+    for step in range(1, total + 1):
+        if cursor + batch > n_train:
+            permutation, cursor = train_idx[torch.randperm(n_train, generator=generator)], 0
+        idx = permutation[cursor:cursor + batch]
+        cursor += batch
+        lr = learning_rate(config, step - 1, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        out = equation.loss(model, x[idx], y[idx], generator=generator, index=idx)
+        loss = out.loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FitDiverged(f"non-finite loss {value} at step {step} of {total}")
+        initial = value if initial is None else initial
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if abs(ema) > config.explode_factor * (abs(initial) + 1.0):
+            raise FitDiverged(f"loss exploded to {ema:.3g} at step {step} (initial {initial:.3g})")
+        loss.backward()
+        grad_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not grad_ok:
+            raise FitDiverged(f"non-finite gradient at step {step} of {total}")
+        optimizer.step()
+        for key, val in getattr(out, "stats", {}).items():
+            stat_sums[key] = stat_sums.get(key, 0.0) + float(val)
+        if progress is not None:
+            progress(step, total, ema)
+        if step % config.eval_every == 0 or step == total:
+            row = {"step": step, "loss": ema, "lr": lr}
+            if n_val:
+                score = held_out_score(model, x[val_idx], y[val_idx], num_draws=config.validation_draws)
+                row["validation"] = score
+                if not math.isfinite(score):
+                    raise FitDiverged(f"non-finite validation score at step {step}")
+                if score > best_score:
+                    best_score, best_step, bad_evals = score, step, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_evals += 1
+                    if bad_evals >= config.patience:
+                        stopped_early = True
+                        history.append(row)
+                        break
+            history.append(row)
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FitDiverged("non-finite parameters at the end of the fit")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    stats = {"steps": step, "budget": total, "n_train": int(n_train), "n_validation": int(n_val),
+             "best_step": best_step if n_val else step, "stopped_early": stopped_early,
+             "seconds": time.perf_counter() - started, "final_loss": ema}
+    if n_val:
+        stats["validation_log_m"] = best_score
+    stats.update({f"eq_{k}": v / step for k, v in stat_sums.items()})
+    return FitResult(model=model, solver="sgd", objective=getattr(equation, "name", type(equation).__name__),
+                     history=pd.DataFrame(history), stats=stats)
+
+
+def config_dict(config: SGDConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,190 @@
+"""Estimands and metrics of DESIGN §5.
+
+The primary estimand is the model marginal m(. | x): every fit is judged by the
+divergence of the truth's marginal m* from the fitted m-hat, averaged over
+in-support (ID) and out-of-support (OOS) prefixes, and OOS binned by the
+prefix's distance to the support (the extrapolation curve). Infinite KL (a fit
+that puts zero probability on a token the truth can emit) is reported as inf,
+never dropped (DESIGN §3, q2 at small n).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models import PerturbedLM
+
+
+def kl_divergence(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
+    """KL(p_true || p_hat) row by row, in nats: (N, V) x (N, V) -> (N,).
+
+    Terms with p_true = 0 contribute 0; p_hat = 0 where p_true > 0 gives inf.
+    """
+    p_true = np.asarray(p_true, dtype=np.float64)
+    p_hat = np.asarray(p_hat, dtype=np.float64)
+    if p_true.shape != p_hat.shape:
+        raise ValueError(f"shapes differ: truth {p_true.shape} vs fit {p_hat.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p_true > 0, p_true * (np.log(p_true) - np.log(p_hat)), 0.0)
+    return np.maximum(terms.sum(axis=-1), 0.0)
+
+
+def tv_distance(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
+    """Total variation distance row by row: (N, V) x (N, V) -> (N,)."""
+    return 0.5 * np.abs(np.asarray(p_true) - np.asarray(p_hat)).sum(axis=-1)
+
+
+def _mean_and_mcse(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    if not np.all(np.isfinite(values)):
+        return float("inf"), float("nan")
+    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+@dataclass
+class MarginalEvaluation:
+    """Divergences of a fitted model from the truth, prefix by prefix.
+
+    ``table`` has one row per prefix: ``region`` ("ID"/"OOS"), ``distance`` to the
+    support, ``kl``, ``tv``; ``marginal_error`` is the largest numerical error of
+    the fitted marginal (quadrature doubling or Monte Carlo SE).
+    """
+
+    table: pd.DataFrame
+    marginal_error: float
+    marginal_method: str
+
+    def metrics(self) -> dict[str, float]:
+        """Flat dict: kl_id, kl_oos, tv_id, tv_oos (prefix averages, each set equally weighted)."""
+        out: dict[str, float] = {}
+        for region in ("ID", "OOS"):
+            rows = self.table[self.table.region == region]
+            for name in ("kl", "tv"):
+                out[f"{name}_{region.lower()}"] = float(rows[name].mean()) if len(rows) else float("nan")
+        out["marginal_error"] = self.marginal_error
+        return out
+
+    def extrapolation_curve(self, bins: int | np.ndarray = 5, metric: str = "kl") -> pd.DataFrame:
+        """OOS ``metric`` binned by distance to the support: one row per bin with
+        the bin's edges, prefix count, mean and its standard error over prefixes."""
+        return extrapolation_curve(self.table[self.table.region == "OOS"], bins=bins, metric=metric)
+
+
+def extrapolation_curve(table: pd.DataFrame, *, bins: int | np.ndarray = 5, metric: str = "kl") -> pd.DataFrame:
+    """Bin rows of ``table`` (columns ``distance`` and ``metric``) by distance; mean and SE per bin."""
+    if table.empty:
+        return pd.DataFrame(columns=["distance_low", "distance_high", "distance", "count", metric, f"{metric}_se"])
+    distance = table["distance"].to_numpy()
+    edges = np.linspace(0.0, distance.max(), bins + 1) if np.isscalar(bins) else np.asarray(bins, dtype=float)
+    edges[-1] = np.nextafter(edges[-1], np.inf)
+    which = np.clip(np.digitize(distance, edges[1:-1], right=True), 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        values = table[metric].to_numpy()[which == b]
+        if values.size == 0:
+            continue
+        mean, se = _mean_and_mcse(values)
+        rows.append({"distance_low": edges[b], "distance_high": edges[b + 1],
+                     "distance": float(distance[which == b].mean()), "count": int(values.size),
+                     metric: mean, f"{metric}_se": se})
+    return pd.DataFrame(rows)
+
+
+def evaluate_marginals(model: PerturbedLM, *, prefixes: np.ndarray, truth: np.ndarray, distance: np.ndarray,
+                       in_support: np.ndarray, method: str = "auto", num_draws: int = 2000,
+                       generator: torch.Generator | None = None) -> MarginalEvaluation:
+    """Compare the fitted marginal m-hat(. | x) with the truth m*(. | x) on ``prefixes``.
+
+    Parameters
+    ----------
+    prefixes : (N, L) int array; truth : (N, V) exact m*; distance : (N,) distance to
+    the support; in_support : (N,) bool. ``method`` is passed to ``model.marginal``
+    (quadrature when q <= 3, else Monte Carlo with ``num_draws``).
+    """
+    x = torch.as_tensor(np.asarray(prefixes), dtype=torch.long, device=model.embedding.device)
+    with torch.no_grad():
+        fitted = model.marginal(x, method=method, num_draws=num_draws, generator=generator)
+    table = pd.DataFrame({
+        "region": np.where(np.asarray(in_support), "ID", "OOS"),
+        "distance": np.asarray(distance, dtype=float),
+        "kl": kl_divergence(truth, fitted.probs),
+        "tv": tv_distance(truth, fitted.probs),
+    })
+    return MarginalEvaluation(table=table, marginal_error=fitted.max_error, marginal_method=fitted.method)
+
+
+def _identifiable_perturbation(model: PerturbedLM) -> torch.Tensor:
+    """W1 A: the part of the perturbation the network's first layer sees (DESIGN §3)."""
+    A = model.perturbation.A  # (L*d, q)
+    network = model.network
+    if hasattr(network, "hidden") and isinstance(getattr(network, "hidden"), torch.nn.Linear):
+        return network.hidden.weight @ A  # (H, q)
+    return A
+
+
+@torch.no_grad()
+def perturbation_recovery(student: PerturbedLM, teacher: PerturbedLM) -> dict[str, float]:
+    """Identifiable perturbation-covariance error (DESIGN §5) for linear perturbations.
+
+    * ``cov_error``: ||A A^T - A* A*^T||_F (meaningful when f sees all of G, e.g. linear f);
+    * ``cov_spectrum_error``: distance between the sorted eigenvalues of W1 A A^T W1^T
+      and of the truth's (invariant to rotations of z and to sign flips and
+      permutations of tanh hidden units, which leave m unchanged);
+    * ``scale_ratio``: ||W1 A||_F / ||W1* A*||_F (1 when the perturbation's size is recovered).
+    Returns NaNs when either model has no linear perturbation.
+    """
+    if not (hasattr(student.perturbation, "A") and hasattr(teacher.perturbation, "A")):
+        return {"cov_error": float("nan"), "cov_spectrum_error": float("nan"), "scale_ratio": float("nan")}
+    A, A_star = student.perturbation.A.double(), teacher.perturbation.A.double()
+    out = {"cov_error": float(torch.linalg.norm(A @ A.T - A_star @ A_star.T))}
+    S, S_star = _identifiable_perturbation(student).double(), _identifiable_perturbation(teacher).double()
+    if S.shape == S_star.shape:
+        eig = torch.linalg.eigvalsh(S @ S.T)
+        eig_star = torch.linalg.eigvalsh(S_star @ S_star.T)
+        out["cov_spectrum_error"] = float(torch.linalg.norm(eig - eig_star))
+    else:
+        out["cov_spectrum_error"] = float("nan")
+    out["scale_ratio"] = float(torch.linalg.norm(S) / torch.linalg.norm(S_star).clamp_min(1e-300))
+    return out
+
+
+@torch.no_grad()
+def iwae_log_marginal(model: PerturbedLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int,
+                      generator: torch.Generator | None = None, scope: str = "datum") -> torch.Tensor:
+    """K-sample IWAE estimate of log m(y | x): log mean_k p(y | x, z_k), a lower bound
+    in expectation that tightens as K grows (DESIGN §5).
+
+    scope "datum": one bound per datum, (B,); "token": per-token bounds with fresh
+    draws per position (DESIGN §2 per-token scope), (B, c).
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws={num_draws} is invalid; allowed: an integer >= 1")
+    latent = model.sample_latent(x, num_draws, generator)
+    if not model.perturbation.perturb_at_eval:
+        latent = None
+    token = model.token_log_lik(x, y, latent)  # (B, K, c)
+    k = token.shape[1]
+    if scope == "datum":
+        return torch.logsumexp(token.sum(-1), dim=1) - np.log(k)
+    if scope == "token":
+        return torch.logsumexp(token, dim=1) - np.log(k)
+    raise ValueError(f"scope={scope!r} is unknown; allowed: datum, token")
+
+
+def perplexity(model: PerturbedLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 16,
+               generator: torch.Generator | None = None, scope: str = "datum") -> dict[str, float]:
+    """exp(- mean per-token log m) with log m by the K-sample IWAE bound; returns the
+    perplexity, its K, and a delta-method standard error over data."""
+    log_m = iwae_log_marginal(model, x, y, num_draws=num_draws, generator=generator, scope=scope)
+    per_datum = log_m if scope == "datum" else log_m.sum(-1)  # (B,)
+    tokens = y.shape[1]
+    per_token = (per_datum / tokens).double().cpu().numpy()
+    mean, se = _mean_and_mcse(per_token)
+    ppl = float(np.exp(-mean))
+    return {"perplexity": ppl, "perplexity_se": ppl * se, "num_draws": int(num_draws)}
