@@ -104,11 +104,33 @@ def refined(rule: Rule, *, seed: int = 1) -> Rule:
     return rqmc(rule.size, rule.dim, seed=seed)
 
 
+def shared_nodes(rules: list[Rule], *, dropped_mass: float = 1e-17) -> tuple[np.ndarray, np.ndarray]:
+    """Union of the rules' nodes ``(U, q)`` with one weight column per rule ``(U, R)``.
+
+    A rule and its refinement share most nodes (the trapezoid's coarse grid is
+    every other node of the fine one), so one forward pass over the union serves
+    both. Nodes whose total weight stays below ``dropped_mass`` in every rule are
+    pruned; columns are renormalised to one.
+    """
+    nodes = np.concatenate([r.nodes for r in rules])
+    keys, inverse = np.unique(np.round(nodes, 12), axis=0, return_inverse=True)
+    W = np.zeros((len(keys), len(rules)))
+    start = 0
+    for r, rule in enumerate(rules):
+        np.add.at(W[:, r], inverse.ravel()[start:start + rule.size], np.exp(rule.log_weights))
+        start += rule.size
+    order = np.argsort(W.max(1))
+    dropped = np.all(np.cumsum(W[order], axis=0) < dropped_mass, axis=1)
+    keep = np.sort(order[~dropped])
+    W = W[keep]
+    return keys[keep], W / W.sum(0)
+
+
 def default_rule(dim: int) -> Rule:
     """The rule used for the exact truth: trapezoid for q <= 3, else RQMC (DESIGN §4)."""
     if dim < 1:
         raise ValueError(f"latent_dim={dim} is invalid; allowed: an integer >= 1")
-    per_dim = {1: 201, 2: 121, 3: 41}.get(dim)
+    per_dim = {1: 201, 2: 61, 3: 31}.get(dim)
     if per_dim is None:
         return rqmc(2**14, dim)
     return trapezoid(per_dim, dim)

@@ -15,6 +15,14 @@ its own ``n``). ``PerturbedNextToken.reference(name, **overrides)`` builds one.
   efficiency are checked against exact quadrature. DESIGN §3 does not state its
   entropy, s_max or sigma; here entropy = 1.0 nats (2.0 exceeds log 5), s_max =
   0.5 (4 of the 5 tokens in support) and sigma = 0.6 as in the other designs.
+
+Measured with this implementation (``describe()["kl_truth_teacher_id"]``, the mean
+KL of the truth's marginal from the deterministic teacher over in-support
+prefixes; DESIGN §4 reports 0.003, 0.019, 0.083 at sigma = 0.15, 0.3, 0.6 for the
+weakly identified design): seed 0 gives 0.0010, 0.010, 0.067; the mean over seeds
+0..15 is 0.0027, 0.024, 0.135 (standard errors 0.0004, 0.003, 0.015; teachers
+vary a lot, 0.066 to 0.25 at sigma = 0.6). The identified design (seed 0) gives
+0.083 at sigma = 0.6.
 """
 from __future__ import annotations
 

@@ -1,0 +1,316 @@
+"""Posterior-sampling equations: ps-exact (rejection) and ps-mh (Metropolis-Hastings), DESIGN §3.
+
+Both use g = grad log p(y | x, z) with z (approximately) drawn from the per-datum
+posterior p(z | x, y) proportional to p(z) p(y | x, z), held fixed. By Fisher's
+identity E_post grad log p(y | x, z) = grad log m(y | x), so exact posterior draws
+give an unbiased estimating function of the likelihood equation.
+
+Latent scope: per-datum only (DESIGN §2). Per-token posterior sampling would need a
+forward pass per position and is not offered.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Equation, check_choice, check_int, check_positive
+
+
+_PACE = 4.0  # r remaining draws get r / (r + _PACE) * r / m_hat proposals per round
+_SE_HIGH = 1.0  # m_hat is taken this many standard errors high
+
+
+class RejectionBudgetExceeded(RuntimeError):
+    """ps-exact made ``max_proposals`` proposals for a datum without collecting its draws.
+
+    Raised instead of returning a biased gradient (dropping the datum or keeping an
+    unfinished one would bias the estimating equation). Attributes: ``datum`` (row
+    in the minibatch), ``proposals``, ``accepted``, ``log_m_estimate`` (the running
+    estimate of log m(y | x), whose inverse is the expected number of proposals).
+    """
+
+    def __init__(self, message: str, *, datum: int, proposals: int, accepted: int, log_m_estimate: float):
+        super().__init__(message)
+        self.datum, self.proposals, self.accepted, self.log_m_estimate = datum, proposals, accepted, log_m_estimate
+
+
+@dataclass
+class PosteriorDraws:
+    """Exact posterior draws of a minibatch (:meth:`PosteriorExact.sample_posterior`).
+
+    ``latent`` ``(B, K, *latent_shape)``: row i holds ``accepted[i]`` iid posterior
+    draws in its first slots (zeros after); ``accepted`` and ``proposals`` ``(B,)``
+    long per datum; ``stats`` totals.
+    """
+
+    latent: torch.Tensor
+    accepted: torch.Tensor
+    proposals: torch.Tensor
+    stats: dict
+
+
+def _segment_cumsum(values: torch.Tensor, rows: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Inclusive cumulative sum within contiguous segments labelled by ``rows`` (sorted)."""
+    total = torch.cumsum(values, 0)
+    seg_sum = torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+    before = torch.cumsum(seg_sum, 0) - seg_sum  # (num_segments,) sum of earlier segments
+    return total - before[rows]
+
+
+@dataclass
+class PosteriorExact(Equation):
+    """ps-exact: exact posterior draws by rejection (DESIGN §3).
+
+    Propose z ~ prior with u ~ U(0, 1) and accept when log u < log p(y | x, z)
+    (p <= 1, so the acceptance probability is p(y | x, z) and the overall acceptance
+    rate of a datum is m(y | x): 1/m proposals per accepted draw on average; V at the
+    truth on average over y for c = 1).
+
+    Proposals are made in rounds, for all unfinished data at once (one forward
+    pass over the ragged rows of a round, chunked at ``max_rows``). A datum's round
+    size is set from its running Rao-Blackwellised estimate of m (the mean of
+    p(y | x, z) over its proposals so far, taken one standard error high so that
+    a noisy estimate errs towards one more round rather than wasted proposals):
+    r remaining draws get ceil(r / (r + 4) * r / m_hat) proposals, at most
+    ``growth`` times the proposals made so far; the first round proposes r. That
+    keeps proposals made per accepted draw near 1/m (benchmark
+    experiments/benchmarks/bench_ps_exact.py: 1.01 to 1.11 times E[1/m] on a V = 5
+    and a V = 41 model) at the price of about 20 to 30 rounds per call.
+
+    Every accepted draw of a datum is kept, up to ``num_draws`` (the first ones
+    in proposal order), and the gradient is averaged over them: the stopping rule
+    looks only at the accept indicators, so given the count the kept draws are iid
+    posterior draws and g is unbiased.
+
+    A datum that reaches ``max_proposals`` proposals without its draws raises
+    :class:`RejectionBudgetExceeded` (never a silent bias). Data of weight 0 are
+    skipped.
+
+    Numerics: the test log u < log p(y | x, z) and the running estimate of m stay in
+    log space, so logits of +-1e4 are handled wherever acceptance is feasible (for
+    example each prefix's most likely token, m of order one); where m is
+    astronomically small (p ~ exp(-1e4)) rejection is infeasible and the budget
+    error is raised.
+
+    Parameters
+    ----------
+    num_draws : int >= 1
+        Posterior draws per datum (K).
+    max_proposals : int >= 1
+        Budget of proposals per datum.
+    growth : float > 1
+        Largest factor by which a datum's proposals may grow in one round.
+    max_rows : int >= 1
+        Rows per forward pass (memory bound; a round may take several passes).
+    """
+
+    name = "ps-exact"
+    estimand = "mean log m(y | x) (per-datum posterior, Fisher identity)"
+    scopes = ("datum",)
+
+    num_draws: int = 1
+    max_proposals: int = 100_000
+    growth: float = 4.0
+    max_rows: int = 65_536
+    scope: str = "datum"
+
+    def validate(self):
+        check_int("num_draws", self.num_draws, 1)
+        check_int("max_proposals", self.max_proposals, 1)
+        if check_positive("growth", self.growth) <= 1:
+            raise ValueError(f"growth={self.growth!r} is invalid; allowed: a number > 1")
+        check_int("max_rows", self.max_rows, 1)
+        super().validate()
+
+    @torch.no_grad()
+    def sample_posterior(self, model, x, y, *, generator=None, weights=None):
+        """Exact posterior draws by batched rejection.
+
+        Returns a :class:`PosteriorDraws`: row i of ``latent`` holds ``accepted[i]``
+        iid posterior draws in its first slots (zeros after; all zero for data of
+        weight 0), ``proposals[i]`` the proposals made for it.
+        """
+        B, K = x.shape[0], self.num_draws
+        device = x.device
+        todo = torch.ones(B, dtype=torch.bool, device=device) if weights is None else weights > 0
+        proposals = torch.zeros(B, dtype=torch.long, device=device)
+        accepted = torch.zeros(B, dtype=torch.long, device=device)
+        log_sum_p = torch.full((B,), -math.inf, dtype=torch.float64, device=device)  # log sum of p over proposals
+        log_sum_p2 = torch.full((B,), -math.inf, dtype=torch.float64, device=device)  # log sum of p^2
+        kept = None
+        rounds = 0
+        while bool(todo.any()):
+            rounds += 1
+            ids = todo.nonzero().squeeze(1)  # (b,)
+            r = (K - accepted[ids]).double()  # remaining draws
+            n_made = proposals[ids].double()
+            m_hat = self._m_upper(log_sum_p[ids], log_sum_p2[ids], n_made)
+            size = torch.ceil(r / (r + _PACE) * r / m_hat.clamp_min(1e-300))
+            size = torch.minimum(size, self.growth * n_made.clamp_min(1))
+            size = torch.where(n_made == 0, r, size)
+            size = torch.minimum(size.clamp_min(1), (self.max_proposals - n_made)).to(torch.long)  # (b,)
+            rows = torch.repeat_interleave(ids, size)  # (N,) sorted datum ids
+            z = model.sample_latent(x[rows], 1, generator)  # (N, 1, *latent_shape)
+            logp = torch.cat([model.log_lik(x[rows[s:s + self.max_rows]], y[rows[s:s + self.max_rows]],
+                                            z[s:s + self.max_rows])[:, 0]
+                              for s in range(0, rows.shape[0], self.max_rows)])  # (N,)
+            if kept is None:
+                kept = z.new_zeros((B, K, *z.shape[2:]))  # (B, K, *latent_shape)
+            log_u = torch.rand(rows.shape[0], generator=generator, dtype=logp.dtype, device=device).log()
+            acc = log_u < logp  # (N,)
+            # Rao-Blackwellised running estimate of m, in log space
+            shift = torch.full((B,), -math.inf, dtype=logp.dtype, device=device).scatter_reduce(
+                0, rows, logp, reduce="amax")
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            centred = logp - shift[rows]  # (N,) <= 0
+            part = torch.zeros(B, dtype=logp.dtype, device=device).index_add_(0, rows, centred.exp())
+            part2 = torch.zeros(B, dtype=logp.dtype, device=device).index_add_(0, rows, (2 * centred).exp())
+            log_sum_p = torch.logaddexp(log_sum_p, (part.log() + shift).double())
+            log_sum_p2 = torch.logaddexp(log_sum_p2, (part2.log() + 2 * shift).double())
+            # keep the first r accepted draws of each datum, in proposal order
+            rank = _segment_cumsum(acc.long(), rows, B)  # (N,) 1-based rank among accepted
+            take = acc & (rank <= (K - accepted)[rows])
+            slot = (accepted[rows] + rank - 1)[take]
+            kept[rows[take], slot] = z[take, 0]
+            accepted += torch.zeros(B, dtype=torch.long, device=device).index_add_(0, rows, take.long())
+            proposals += torch.zeros(B, dtype=torch.long, device=device).index_add_(0, rows, torch.ones_like(rows))
+            todo = todo & (accepted < K)
+            over = todo & (proposals >= self.max_proposals)
+            if bool(over.any()):
+                i = int(over.nonzero()[0, 0])
+                log_m = float(log_sum_p[i] - math.log(max(int(proposals[i]), 1)))
+                raise RejectionBudgetExceeded(
+                    f"ps-exact: datum {i} got {int(accepted[i])} of {K} posterior draws in max_proposals="
+                    f"{self.max_proposals} proposals (estimated log m = {log_m:.4g}, so about "
+                    f"10^{(math.log(K) - log_m) / math.log(10):.1f} are needed); raise max_proposals or use "
+                    f"another equation",
+                    datum=i, proposals=int(proposals[i]), accepted=int(accepted[i]), log_m_estimate=log_m)
+        if kept is None:
+            kept = model.sample_latent(x, K, generator).zero_()
+        done = accepted > 0
+        n_data = max(int(done.sum()), 1)
+        stats = {"proposals": float(proposals.sum()), "accepted": float(accepted.sum()), "rounds": float(rounds),
+                 "acceptance_rate": float(accepted.sum()) / max(float(proposals.sum()), 1.0),
+                 "proposals_per_accepted": float(proposals.sum()) / max(float(accepted.sum()), 1.0),
+                 "max_proposals_datum": float(proposals.max()), "data_sampled": float(n_data)}
+        return PosteriorDraws(latent=kept, accepted=accepted, proposals=proposals, stats=stats)
+
+    @staticmethod
+    def _m_upper(log_sum_p, log_sum_p2, n):
+        """Running estimate of m, one standard error high: m_hat + se (RB mean of p over
+        the proposals so far). Erring high makes a round too small (one more round) rather
+        than too large (wasted proposals)."""
+        n = n.clamp_min(1)
+        mean = (log_sum_p - n.log()).exp()
+        second = (log_sum_p2 - n.log()).exp()
+        se = ((second - mean ** 2).clamp_min(0) / n).sqrt()
+        return mean + _SE_HIGH * se
+
+    def per_datum_loss(self, model, x, y, *, weights, generator, index):
+        draws = self.sample_posterior(model, x, y, generator=generator, weights=weights)
+        kept, accepted, stats = draws.latent, draws.accepted, draws.stats
+        ids = (accepted > 0).nonzero().squeeze(1)  # data with draws
+        counts = accepted[ids]
+        rows = torch.repeat_interleave(ids, counts)  # (N,)
+        starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)  # (N,)
+        slot = torch.arange(rows.shape[0], device=x.device) - starts
+        ll = model.log_lik(x[rows], y[rows], kept[rows, slot][:, None])[:, 0]  # (N,) one gradient pass
+        per = torch.zeros(x.shape[0], dtype=ll.dtype, device=x.device).index_add(
+            0, rows, ll / counts.repeat_interleave(counts).to(ll.dtype))  # (B,) mean over kept draws
+        return -per, stats
+
+
+@dataclass
+class PosteriorMH(Equation):
+    """ps-mh: z from a Metropolis-Hastings chain targeting p(z | x, y), ``steps`` B per visit (DESIGN §3).
+
+    Proposals: ``"independence"`` (z' from the prior; accept with probability
+    min(1, p(y | x, z') / p(y | x, z)); any latent prior) or ``"random-walk"``
+    (z' = z + step_size * eps; accept with min(1, pi(z') / pi(z)),
+    pi(z) = N(z; 0, I) p(y | x, z); Gaussian latents only). Each step is one
+    forward pass for all chains of the minibatch (``num_draws`` chains per datum).
+
+    Chains start from a fresh prior draw each call by default: the mean of g is
+    grad log m only once the chain has mixed (DESIGN §3: B = 20 was still biased
+    away from the truth, B = 100 was not). ``persistent=True`` keeps one set of
+    chains per datum id (``index``) across calls, each visit continuing from the
+    stored state at the current parameters.
+    """
+
+    name = "ps-mh"
+    estimand = "mean log m(y | x) (per-datum posterior, once the chain has mixed)"
+    scopes = ("datum",)
+
+    steps: int = 100
+    proposal: str = "independence"
+    step_size: float = 0.5
+    num_draws: int = 1
+    persistent: bool = False
+    scope: str = "datum"
+    _chains: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def validate(self):
+        check_int("steps", self.steps, 1)
+        check_choice("proposal", self.proposal, ("independence", "random-walk"))
+        check_positive("step_size", self.step_size)
+        check_int("num_draws", self.num_draws, 1)
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"persistent={self.persistent!r} is invalid; allowed: True or False")
+        super().validate()
+
+    def get_params(self):
+        params = super().get_params()
+        params.pop("_chains", None)
+        return params
+
+    def reset_chains(self) -> None:
+        """Forget the persistent chains."""
+        self._chains.clear()
+
+    @torch.no_grad()
+    def run_chains(self, model, x, y, *, generator=None, index=None):
+        """Run ``steps`` MH steps for ``num_draws`` chains per datum: ``(latent (B, K, ...), stats)``."""
+        B, K = x.shape[0], self.num_draws
+        if self.proposal == "random-walk" and not getattr(model.perturbation, "gaussian_latent", False):
+            raise ValueError(f"proposal='random-walk' needs a Gaussian latent; "
+                             f"{type(model.perturbation).__name__} has none; allowed: independence")
+        z = model.sample_latent(x, K, generator)  # (B, K, ...)
+        keys = None
+        if self.persistent:
+            if index is None:
+                raise ValueError("index=None is invalid with persistent=True; allowed: a (B,) tensor of datum ids")
+            keys = [int(i) for i in index.tolist()]
+            for b, key in enumerate(keys):
+                state = self._chains.get(key)
+                if state is not None:
+                    z[b] = state.to(z)
+        logp = model.log_lik(x, y, z)  # (B, K)
+        accepted = torch.zeros((), dtype=torch.long, device=x.device)
+        event = tuple(range(2, z.dim()))
+        for _ in range(self.steps):
+            if self.proposal == "independence":
+                prop = model.sample_latent(x, K, generator)
+                log_prior_ratio = 0.0
+            else:
+                eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+                prop = z + self.step_size * eps
+                log_prior_ratio = 0.5 * ((z ** 2).sum(event) - (prop ** 2).sum(event))  # (B, K)
+            logp_prop = model.log_lik(x, y, prop)  # (B, K)
+            log_u = torch.rand(logp.shape, generator=generator, dtype=logp.dtype, device=x.device).log()
+            acc = log_u < logp_prop - logp + log_prior_ratio  # (B, K)
+            z = torch.where(acc.view(*acc.shape, *([1] * len(event))), prop, z)
+            logp = torch.where(acc, logp_prop, logp)
+            accepted += acc.sum()
+        if keys is not None:
+            for b, key in enumerate(keys):
+                self._chains[key] = z[b].clone()
+        proposals = B * K * self.steps
+        stats = {"proposals": float(proposals), "accepted": float(accepted),
+                 "acceptance_rate": float(accepted) / proposals, "steps": float(self.steps)}
+        return z, stats
+
+    def per_datum_loss(self, model, x, y, *, weights, generator, index):
+        z, stats = self.run_chains(model, x, y, generator=generator, index=index)
+        return -model.log_lik(x, y, z).mean(1), stats
