@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["RESERVED_COLUMNS", "expand_design", "conditions_frame", "condition_label"]
+__all__ = ["RESERVED_COLUMNS", "RESERVED_FACTORS", "expand_design", "conditions_frame", "condition_label"]
 
 #: Column names the engine owns in the results table; neither a design factor
 #: nor a value returned by a method may use them.
 RESERVED_COLUMNS = ("condition", "replicate", "method", "status", "message")
+#: Further names a design factor may not use: columns of summaries and failure tables.
+RESERVED_FACTORS = RESERVED_COLUMNS + ("estimand", "measure", "value", "mcse", "n_used", "failures", "seed",
+                                       "spawn_key", "mean", "constant")
 
 
 def _scalar(value: Any, where: str) -> Any:
@@ -48,9 +51,9 @@ def _scalar(value: Any, where: str) -> Any:
 def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where} factor name {name!r} is invalid; allowed: a non-empty string")
-    if name in RESERVED_COLUMNS or name.startswith("_"):
+    if name in RESERVED_FACTORS or name.startswith("_"):
         raise ValueError(f"{where} factor name {name!r} is reserved; allowed: a name not in "
-                         f"{list(RESERVED_COLUMNS)} and not starting with '_'")
+                         f"{list(RESERVED_FACTORS)} and not starting with '_'")
     return name
 
 

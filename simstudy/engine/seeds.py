@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 
 __all__ = ["METHOD_TAG", "TORCH_TAG", "replicate_seed_sequence", "replicate_rng", "method_rng", "torch_seed",
-           "single_threaded", "check_seed"]
+           "single_threaded", "pin_torch_threads", "check_seed"]
 
 #: Third spawn-key word of a method's own stream (chosen far above any
 #: realistic number of ``rng.spawn`` children a user might create).
@@ -86,12 +86,60 @@ def torch_seed(seed: int, condition: int, replicate: int, method_index: int | No
     return int(state) & (2**63 - 1)
 
 
-def seed_torch_if_loaded(value: int, force: bool = False) -> None:
-    """Seed torch's global generator if torch is imported (or ``force``)."""
+def seed_torch_if_loaded(seed: int, condition: int, replicate: int, method_index: int | None = None,
+                         force: bool = False) -> None:
+    """Seed torch's global generator from :func:`torch_seed` if torch is imported (or ``force``)."""
     if force or "torch" in sys.modules:
         import torch  # lazy: the engine never needs torch itself
 
-        torch.manual_seed(value)
+        torch.manual_seed(torch_seed(seed, condition, replicate, method_index))
+
+
+_CONTROLLER: tuple[int, object] | None = None
+
+
+def _controller():
+    """A threadpoolctl controller, rebuilt when new modules (hence maybe new libraries) were imported."""
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    n = len(sys.modules)
+    if _CONTROLLER is None or _CONTROLLER[0] != n:
+        _CONTROLLER = (n, ThreadpoolController())  # ~1 ms: reads /proc/self/maps
+    return _CONTROLLER[1]
+
+
+class _TorchThreads:
+    """Remembers torch's thread count so that it can be restored after a block."""
+
+    def __init__(self) -> None:
+        self.previous: int | None = None
+
+    def pin(self) -> None:
+        """Set torch to one thread (if torch is loaded), remembering the previous count once."""
+        if "torch" not in sys.modules:
+            return
+        import torch
+
+        if self.previous is None:
+            self.previous = torch.get_num_threads()
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self.previous is not None and self.previous != 1:
+            import torch
+
+            torch.set_num_threads(self.previous)
+        self.previous = None
+
+
+_TORCH_THREADS = _TorchThreads()
+
+
+def pin_torch_threads() -> None:
+    """Pin torch to one thread inside a :func:`single_threaded` block (e.g. after a lazy torch import)."""
+    _TORCH_THREADS.pin()
 
 
 @contextlib.contextmanager
@@ -108,24 +156,15 @@ def single_threaded(force_torch: bool = False) -> Iterator[None]:
     The previous limits are restored on exit, so running replicates in the
     parent process (``n_jobs=1``) leaves its thread settings unchanged.
     """
+    if force_torch:
+        import torch  # noqa: F401
+    _TORCH_THREADS.pin()
     try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn/scipy stacks
-        ThreadpoolController = None
-    torch = None
-    if force_torch or "torch" in sys.modules:
-        import torch
-    prev_torch = torch.get_num_threads() if torch is not None else None
-    if torch is not None and prev_torch != 1:
-        torch.set_num_threads(1)
-    if ThreadpoolController is not None:
-        # A fresh controller (~0.3 ms) sees libraries loaded since the last batch (e.g. torch's OpenMP).
-        ctx = ThreadpoolController().limit(limits=1)
-    else:  # pragma: no cover
+        ctx = _controller().limit(limits=1)
+    except ImportError:  # pragma: no cover - threadpoolctl ships with the scipy stack
         ctx = contextlib.nullcontext()
     try:
         with ctx:
             yield
     finally:
-        if torch is not None and prev_torch != 1:
-            torch.set_num_threads(prev_torch)
+        _TORCH_THREADS.restore()

@@ -1,0 +1,212 @@
+"""Command line: ``simstudy run | summarize | plot | report | list`` (DESIGN §7).
+
+``simstudy run`` without argument runs the built-in default study
+(:data:`simstudy.studies.spec.DEFAULT_STUDY`; the generic demo until the
+domain's quick study is registered) into ``results/quick/``. Every output
+directory is also the study's store, so re-running the same command resumes
+an interrupted run. Malformed input gives one line on stderr and exit
+status 2; Ctrl-C keeps every finished row and exits with status 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"simstudy: error: {message}; see 'simstudy {self.prog.split()[-1]} --help'\n"
+                  if " " in self.prog else f"simstudy: error: {message}; see 'simstudy --help'\n")
+
+
+def _positive_or_all(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n-jobs={text!r} is invalid; allowed: an integer >= 1 or -1") from None
+    if v < 1 and v != -1:
+        raise argparse.ArgumentTypeError(f"--n-jobs={text!r} is invalid; allowed: an integer >= 1 or -1")
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--replicates={text!r} is invalid; allowed: an integer >= 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``simstudy`` argument parser."""
+    from .studies import spec
+
+    spec.load_plugins()
+    default = spec.STUDIES.get(spec.DEFAULT_STUDY)
+    DEFAULT_STUDY = spec.DEFAULT_STUDY
+    default_text = (f"{DEFAULT_STUDY!r} ({default.description}) into {default.out or 'results/' + DEFAULT_STUDY}/"
+                    if default is not None else repr(DEFAULT_STUDY))
+    p = _OneLineParser(prog="simstudy", description="Monte Carlo simulation studies with MCSE (DESIGN §7).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    r = sub.add_parser("run", help="run or resume a study",
+                       description="Run (or resume) a study declared in a TOML file or built in. Without STUDY "
+                                   f"it runs the built-in default study {default_text}. The output directory is "
+                                   "also the study's store: running the same command again resumes it.")
+    r.add_argument("study", nargs="?", default=None, help="TOML study file, or a built-in study name (simstudy list)")
+    r.add_argument("--out", default=None, help="output and store directory (default: [run] out, or results/NAME)")
+    r.add_argument("--n-jobs", type=_positive_or_all, default=None, help="worker processes (-1: all CPUs)")
+    r.add_argument("--backend", choices=["loky", "dask"], default=None, help="execution backend")
+    r.add_argument("--scheduler", default=None, help="dask scheduler address (default: a LocalCluster)")
+    r.add_argument("--replicates", type=_positive, default=None, help="override the file's replicates")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, text in (("summarize", "print and write summary.csv of a results directory"),
+                       ("plot", "write figures/*.png of a results directory"),
+                       ("report", "write report.md (and figures) of a results directory")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
+    sub.add_parser("list", help="list study kinds, built-in studies, DGMs, methods, equations")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"simstudy: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool = True) -> dict:
+    from .engine.report import write_report as _write_report
+    from .engine.storage import atomic_write_text
+
+    summary = res.summary()
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    rates = res.rates() if len(res.table) else []
+    figures = res.plot(out / "figures") if (write_figures and len(res.table)) else []
+    report = _write_report(res, out, figures=figures, summary=summary, rates=rates) if write_report else None
+    return {"summary": summary, "rates": rates, "figures": figures, "report": report}
+
+
+def _cmd_run(args) -> int:
+    from .engine import StoreBusyError, StoreMismatchError
+    from .engine.report import format_summary
+    from .studies.spec import SpecError, load_study_file
+
+    try:
+        sf, study, default_out = load_study_file(args.study, replicates=args.replicates)
+    except SpecError as exc:
+        return _fail(str(exc))
+    out = Path(args.out or sf.run.get("out") or default_out or f"results/{sf.name}")
+    backend = args.backend or sf.run.get("backend", "loky")
+    scheduler = args.scheduler or sf.run.get("scheduler")
+    if scheduler is not None and backend != "dask":
+        return _fail(f"--scheduler={scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
+    n_jobs = args.n_jobs or sf.run.get("n_jobs")
+    progress = False if args.no_progress else None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*interrupted", category=RuntimeWarning)  # said below
+            res = study.run(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=out, progress=progress)
+    except (StoreMismatchError, StoreBusyError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:  # interrupted outside the replicate loop (setup, consolidation)
+        print(f"simstudy: interrupted; finished rows are kept in {out}/ (run again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if res.interrupted:
+        print(f"simstudy: interrupted after {len(res.table)} of {res.expected_rows} rows; they are kept in {out}/ "
+              "(run the same command again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    o = _outputs(res, out)
+    print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
+          f"{study.replicates} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
+    print(format_summary(o["summary"]))
+    for r in o["rates"]:
+        print(r.summary())
+    print(f"wrote {out}/replicates.parquet, summary.csv, report.md, figures/ ({len(o['figures'])} png)")
+    return 0
+
+
+def _load(dir_: str):
+    from .engine import StudyResult
+
+    return StudyResult.load(dir_)
+
+
+def _cmd_summarize(args) -> int:
+    from .engine.report import format_summary
+    from .engine.storage import atomic_write_text
+
+    try:
+        res = _load(args.dir)
+    except ValueError as exc:
+        return _fail(str(exc))
+    summary = res.summary()
+    atomic_write_text(Path(args.dir) / "summary.csv", summary.to_csv(index=False))
+    print(f"Study {res.name!r}: {len(res.table)} of {res.expected_rows} rows"
+          + ("" if res.complete else " (incomplete)") + f"; failures: {int((res.table['status'] != 'ok').sum())}")
+    print(format_summary(summary))
+    for r in res.rates() if len(res.table) else []:
+        print(r.summary())
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    try:
+        res = _load(args.dir)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if not len(res.table):
+        return _fail(f"dir={args.dir!r} holds no finished rows; allowed: a directory with results")
+    figs = res.plot(Path(args.dir) / "figures")
+    for title, path in figs:
+        print(f"{path}  ({title})")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    try:
+        res = _load(args.dir)
+    except ValueError as exc:
+        return _fail(str(exc))
+    o = _outputs(res, Path(args.dir), write_figures=bool(len(res.table)))
+    print(o["report"])
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .studies.spec import listings
+
+    for title, items in listings().items():
+        print(f"{title}:")
+        if not items:
+            print("  (none registered)")
+        for name, text in items.items():
+            print(f"  {name:<24} {text}".rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``simstudy`` console script; returns the exit status."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or one-line usage error (2)
+        return int(exc.code or 0)
+    handler = {"run": _cmd_run, "summarize": _cmd_summarize, "plot": _cmd_plot, "report": _cmd_report,
+               "list": _cmd_list}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Execution backends: in-process, loky processes, dask.distributed (DESIGN §7).
+
+All backends run the same pure task, :func:`simstudy.engine.study._run_batch`,
+on chunks of items ``(condition, replicate, method indices)`` and hand the
+finished rows back to the calling process, which stores them. Results never
+depend on the backend, the worker count or the chunking: every item draws
+from its own positional stream and runs with one thread
+(:mod:`simstudy.engine.seeds`).
+
+Chunks are sized adaptively: the first chunks hold one replicate, later ones
+as many as take about ``target_seconds`` (default 0.5 s) by the running mean
+duration, so fast replicates do not drown in dispatch overhead while slow ones
+are returned (and stored) one by one. At most ``2 x workers`` chunks are in
+flight, so Ctrl-C loses at most the chunks running at that moment.
+
+Dask: ``backend="dask"`` connects to ``scheduler`` or starts a LocalCluster
+(processes, one thread each) for the run. A script that starts a
+LocalCluster must guard its entry point with ``if __name__ == "__main__":``
+(dask starts workers by spawning, which re-imports the main module). On
+Slurm, start the cluster with dask-jobqueue and pass its address::
+
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(cores=1, processes=1, memory="4GB", walltime="02:00:00")
+    cluster.scale(jobs=32)
+    result = study.run(backend="dask", scheduler=cluster.scheduler_address, store="results/big")
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
+
+__all__ = ["execute"]
+
+#: Environment of loky workers: one BLAS/OpenMP thread from the start (see seeds.single_threaded).
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+
+_CACHE: dict[str, object] = {}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _run_chunk(key: str, blob: bytes, items: Sequence[tuple], sys_path: Sequence[str] = ()) -> tuple[list, float]:
+    """Worker side: unpickle the payload once per process, run the chunk, return (rows, seconds).
+
+    ``sys_path`` is the parent's import path: a reused worker started before
+    the parent added a folder to ``sys.path`` must still find the study's modules.
+    """
+    import sys
+
+    from .study import _run_batch
+
+    payload = _CACHE.get(key)
+    if payload is None:
+        cloudpickle = _cloudpickle()
+        missing = [p for p in sys_path if p not in sys.path]
+        if missing:
+            sys.path[:0] = missing
+        _CACHE.clear()
+        payload = _CACHE[key] = cloudpickle.loads(blob)
+    t0 = time.perf_counter()
+    rows = _run_batch(payload, items)
+    return rows, time.perf_counter() - t0
+
+
+def _run_chunk_dask(payload, items: Sequence[tuple]) -> tuple[list, float]:
+    from .study import _run_batch
+
+    t0 = time.perf_counter()
+    rows = _run_batch(payload, items)
+    return rows, time.perf_counter() - t0
+
+
+class _Chunker:
+    """Hands out consecutive chunks of items sized to take about ``target`` seconds."""
+
+    def __init__(self, items: Sequence, target: float, fixed: int | None = None, max_size: int = 1000):
+        self.items, self.target, self.fixed, self.max_size = items, target, fixed, max_size
+        self.pos = 0
+        self.seconds = 0.0
+        self.count = 0
+
+    def update(self, n: int, seconds: float) -> None:
+        self.count += n
+        self.seconds += seconds
+
+    def next(self) -> list | None:
+        if self.pos >= len(self.items):
+            return None
+        if self.fixed is not None:
+            size = self.fixed
+        elif self.count == 0:
+            size = 1
+        else:
+            per = self.seconds / self.count
+            size = int(max(1, min(self.max_size, self.target / per if per > 0 else self.max_size)))
+        chunk = list(self.items[self.pos:self.pos + size])
+        self.pos += len(chunk)
+        return chunk
+
+
+def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str, scheduler: str | None,
+            batch_size: int | None, on_rows: Callable[[list], None], on_items: Callable[[int], None],
+            target_seconds: float = 0.5) -> None:
+    """Run every item and report rows as they finish.
+
+    Parameters
+    ----------
+    payload : simstudy.engine.study._Payload
+        Callables, conditions and seed.
+    items : sequence of (int, int, tuple of int)
+        (condition, replicate, method indices) to run.
+    n_jobs : int or None
+        Worker count (see :meth:`simstudy.engine.Study.run`).
+    backend : {"loky", "dask"}
+    scheduler : str or None
+        Dask scheduler address.
+    batch_size : int or None
+        Fixed items per chunk (default: adaptive).
+    on_rows : callable
+        Called in this process with each finished list of rows.
+    on_items : callable
+        Called with the number of items just finished (progress).
+    target_seconds : float
+        Target duration of an adaptive chunk.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Propagated after the workers have been stopped; every chunk that had
+        finished is reported through ``on_rows`` first.
+    """
+    from .study import _run_batch
+
+    if backend == "dask":
+        _execute_dask(payload, items, n_jobs=n_jobs, scheduler=scheduler, batch_size=batch_size,
+                      on_rows=on_rows, on_items=on_items, target_seconds=target_seconds)
+        return
+    workers = _cpu_count() if n_jobs == -1 else (n_jobs or 1)
+    if workers == 1:
+        for item in items:
+            on_rows(_run_batch(payload, [item]))
+            on_items(1)
+        return
+    _execute_loky(payload, items, workers=workers, batch_size=batch_size, on_rows=on_rows, on_items=on_items,
+                  target_seconds=target_seconds)
+
+
+def _cloudpickle():
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - joblib vendors a copy
+        from joblib.externals import cloudpickle
+    return cloudpickle
+
+
+def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds) -> None:
+    from joblib.externals.loky import get_reusable_executor
+
+    cloudpickle = _cloudpickle()
+    import sys
+
+    blob = cloudpickle.dumps(payload)
+    key = hashlib.sha256(blob).hexdigest()
+    sys_path = list(sys.path)
+    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=120)
+    chunker = _Chunker(items, target_seconds, batch_size)
+    pending: dict = {}
+
+    def fill() -> None:
+        while len(pending) < 2 * workers:
+            chunk = chunker.next()
+            if chunk is None:
+                return
+            pending[executor.submit(_run_chunk, key, blob, chunk, sys_path)] = len(chunk)
+
+    def harvest(futures) -> None:
+        for fut in futures:
+            n = pending.pop(fut)
+            rows, seconds = fut.result()
+            chunker.update(n, seconds)
+            on_rows(rows)
+            on_items(n)
+
+    try:
+        fill()
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            harvest(done)
+            fill()
+    except BaseException:
+        # Keep what finished (Ctrl-C), then stop the workers without waiting for running chunks.
+        finished = [f for f in pending if f.done() and not f.cancelled() and f.exception() is None]
+        try:
+            harvest(finished)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            executor.shutdown(wait=False, kill_workers=True)
+        raise
+
+
+def _execute_dask(payload, items, *, n_jobs, scheduler, batch_size, on_rows, on_items, target_seconds) -> None:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ValueError("backend='dask' is unavailable: install the 'dist' extra (dask, distributed)") from exc
+
+    cluster = None
+    if scheduler is None:
+        workers = _cpu_count() if n_jobs == -1 else (n_jobs or 2)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR, env=dict(_WORKER_ENV))
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    pending: dict = {}
+    try:
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        [remote] = client.scatter([payload], broadcast=True, hash=False)
+        chunker = _Chunker(items, target_seconds, batch_size)
+        stream = as_completed()
+
+        def fill() -> None:
+            while len(pending) < 2 * workers:
+                chunk = chunker.next()
+                if chunk is None:
+                    return
+                fut = client.submit(_run_chunk_dask, remote, chunk, pure=False)
+                pending[fut.key] = len(chunk)
+                stream.add(fut)
+
+        fill()
+        for fut in stream:
+            n = pending.pop(fut.key)
+            rows, seconds = fut.result()
+            chunker.update(n, seconds)
+            on_rows(rows)
+            on_items(n)
+            fut.release()
+            fill()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

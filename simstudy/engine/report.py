@@ -1,0 +1,202 @@
+"""``report.md``: design, failures, performance tables with MCSE, rates and figures (DESIGN §7)."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .performance import MEASURES
+from .rates import RateResult
+from .storage import atomic_write_text
+
+__all__ = ["write_report", "summary_wide", "markdown_table", "format_summary"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
+    """Render a DataFrame as a GitHub-flavoured markdown table (numbers to 4 significant digits)."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    rows = frame.itertuples(index=False)
+    for i, row in enumerate(rows):
+        if max_rows is not None and i >= max_rows:
+            lines.append(f"| ... {len(frame) - max_rows} more rows |" + " |" * (len(cols) - 1))
+            break
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_wide(summary: pd.DataFrame, estimand: str | None = None, *, combined: bool = False) -> pd.DataFrame:
+    """Pivot a tidy summary to one row per condition x method (x estimand).
+
+    Parameters
+    ----------
+    summary : DataFrame
+        :meth:`StudyResult.summary` output.
+    estimand : str, optional
+        Keep only this estimand (and drop the ``estimand`` column).
+    combined : bool
+        One text column per measure, ``"value (mcse)"``, instead of the
+        numeric ``measure`` and ``measure_mcse`` columns.
+    """
+    cols = list(summary.columns)
+    factors = cols[cols.index("condition") + 1:cols.index("method")]
+    s = summary if estimand is None else summary[summary["estimand"] == estimand]
+    keys = ["condition", *factors, "method"] + (["estimand"] if estimand is None else [])
+    if not len(s):
+        return pd.DataFrame(columns=keys)
+    order = {m: i for i, m in enumerate(MEASURES)}
+    measures = sorted(s["measure"].unique(), key=lambda m: order.get(m, len(order)))
+    out = s.groupby(keys, sort=False, dropna=False).agg(n_used=("n_used", "max"),
+                                                         failures=("failures", "max")).reset_index()
+    for m in measures:
+        sm = s[s["measure"] == m][keys + ["value", "mcse"]]
+        if combined:
+            sm = sm.assign(**{m: [f"{_fmt(v)} ({_fmt(e) or '-'})" for v, e in zip(sm["value"], sm["mcse"])]})
+            sm = sm[keys + [m]]
+        else:
+            sm = sm.rename(columns={"value": m, "mcse": f"{m}_mcse"})
+        out = out.merge(sm, on=keys, how="left")
+    if combined:
+        for m in measures:
+            out[m] = out[m].fillna("")
+    return out
+
+
+def format_summary(summary: pd.DataFrame, max_rows: int = 60) -> str:
+    """Plain-text summary for terminals: one row per condition x method x estimand, cells ``value (mcse)``."""
+    if not len(summary):
+        return "(no finished rows)"
+    wide = summary_wide(summary, combined=True).drop(columns=["condition"])
+    with pd.option_context("display.width", 250, "display.max_columns", 60, "display.max_rows", max_rows,
+                           "display.max_colwidth", 40):
+        text = wide.to_string(index=False, max_rows=max_rows)
+    return text + "\n(cells: value (MCSE); " + summary.attrs.get("note", "") + ")"
+
+
+def _rate_section(rate: RateResult) -> list[str]:
+    lines = [f"### Rate of {rate.metric} in {rate.x}", "",
+             f"WLS of log mean {rate.metric} on log {rate.x}, weights from the replicate-level MCSE "
+             f"({int(rate.level * 100)}% intervals, scale={rate.scale})"
+             + (f"; theoretical slope {rate.theory_slope:g}" if rate.theory_slope is not None else "")
+             + (f", theoretical constant {rate.theory_constant:g}" if rate.theory_constant is not None else "")
+             + ".", ""]
+    keep = list(rate.by) + [c for c in ["k", "slope", "slope_low", "slope_high", "theory_slope", "slope_ok",
+                                        "constant", "theory_fit_constant", "theory_fit_constant_low",
+                                        "theory_fit_constant_high", "lack_of_fit_p"] if c in rate.fits]
+    lines += [markdown_table(rate.fits[keep]), ""]
+    s_txt = "the theoretical slope" if rate.theory_slope is not None else "the fitted slope"
+    lines += [f"Per {rate.x}: mean with MCSE, and the constant {rate.x}^(-s) x mean with s {s_txt}:", ""]
+    pk = list(rate.by) + [c for c in [rate.x, "n_used", "mean", "mcse", "constant", "constant_mcse", "constant_z",
+                                      "constant_ok"] if c in rate.points]
+    lines += [markdown_table(rate.points[pk]), ""]
+    lines += [f"Note: {n}" for n in rate.notes]
+    return lines
+
+
+def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[str, os.PathLike]] | None = None,
+                 summary: pd.DataFrame | None = None, rates: Sequence[RateResult] | None = None,
+                 max_failures: int = 20) -> Path:
+    """Write ``outdir/report.md``.
+
+    Parameters
+    ----------
+    result : StudyResult
+    outdir : path
+        Folder of the report; figure paths are written relative to it.
+    figures : list of (title, path), optional
+        Figures to embed (e.g. from :func:`simstudy.engine.plots.make_figures`).
+    summary : DataFrame, optional
+        Precomputed summary.
+    rates : list of RateResult, optional
+        Precomputed rate fits (default: the study's declared rates).
+    max_failures : int
+        Failure messages listed individually.
+
+    Returns
+    -------
+    Path
+        The report file.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    summary = result.summary() if summary is None else summary
+    rates = result.rates() if rates is None else rates
+    man = result.manifest
+    opts = result.options
+    t = result.table
+    lines = [f"# Simulation study: {result.name}", ""]
+    if opts.get("description"):
+        lines += [str(opts["description"]), ""]
+    total = result.expected_rows
+    n_fail = int((t["status"] != "ok").sum())
+    secs = float(result.timings["seconds"].sum()) if result.timings is not None and len(result.timings) else math.nan
+    lines += [f"- conditions: {len(man['conditions'])}; methods: {', '.join(result.methods)}; replicates per "
+              f"condition: {man['replicates']}; root seed: {man['seed']}",
+              f"- rows finished: {len(t)} of {total}" + ("" if len(t) == total else " (INCOMPLETE: partial results)")
+              + f"; failures: {n_fail}",
+              f"- compute time (sum over rows): {secs:.1f} s" if math.isfinite(secs) else "- compute time: unknown",
+              f"- config hash: `{man.get('config_hash', '')[:16]}`; simstudy {man.get('simstudy_version', '?')}; "
+              f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+              "- seeds: replicate r of condition c draws from `numpy.random.SeedSequence(seed, spawn_key=(c, r))`",
+              ""]
+    lines += ["## Design", ""]
+    design = result.conditions.copy()
+    for e in dict.fromkeys(k for tr in result.truths for k in tr):
+        design[f"truth: {e}"] = [tr.get(e, np.nan) for tr in result.truths]
+    lines += [markdown_table(design), ""]
+    lines += ["## Failures", ""]
+    if n_fail == 0:
+        lines += [f"None: all {len(t)} finished rows have status ok.", ""]
+    else:
+        lines += ["Performance measures use only the replicates with status ok (column n_used); failed rows are "
+                  "counted, never re-drawn.", ""]
+        lines += [markdown_table(result.failure_counts()), ""]
+        fl = result.failures()
+        lines += [f"First {min(max_failures, len(fl))} of {len(fl)} failures (reproduce with "
+                  "`Study.run_replicate(condition, replicate)`):", "",
+                  markdown_table(fl.drop(columns=["seed"]), max_rows=max_failures), ""]
+    lines += ["## Performance", "",
+              "Cells are value (Monte Carlo standard error); formulas of Morris, White and "
+              "Crowther (2019), Table 6. n_used: replicates with status ok. relerr_modse is a fraction (x100 for percent); rel_efficiency is "
+              "(empSE_ref / empSE)^2 on paired replicates.", ""]
+    if opts.get("reference"):
+        lines += [f"Reference method for relative efficiency: {opts['reference']}.", ""]
+    if not len(summary):
+        lines += ["No finished rows.", ""]
+    for e in dict.fromkeys(summary["estimand"]):
+        wide = summary_wide(summary, e, combined=True).drop(columns=["condition"])
+        is_metric = set(summary.loc[summary["estimand"] == e, "measure"]) == {"mean"}
+        lines += [f"### {'Metric' if is_metric else 'Estimand'}: {e}", "", markdown_table(wide), ""]
+    if rates:
+        lines += ["## Rates", ""]
+        for r in rates:
+            lines += _rate_section(r)
+    if figures:
+        lines += ["## Figures", ""]
+        for title, path in figures:
+            rel = os.path.relpath(Path(path), outdir)
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    path = outdir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

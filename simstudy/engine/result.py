@@ -1,0 +1,259 @@
+"""Results of a study: the tidy table and statistics computed on demand (DESIGN §7).
+
+Modelled on statsmodels' results classes: the data live in tidy DataFrames,
+performance measures, rates and failure tables are computed when asked for,
+and :meth:`StudyResult.summary` is the entry point for people.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import performance
+from .design import conditions_frame
+from .rates import RateResult, fit_rate
+from .storage import MANIFEST, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
+
+__all__ = ["StudyResult"]
+
+
+class StudyResult:
+    """Tidy results of a :class:`~simstudy.engine.Study` run.
+
+    Parameters
+    ----------
+    table : DataFrame
+        One row per (condition, replicate, method): ``condition``, the design
+        factors, ``replicate``, ``method``, ``status`` (``"ok"``, ``"error"``,
+        ``"nan"`` or a typed failure such as ``"diverged"``), ``message``,
+        then one column per returned value.
+    manifest : dict
+        Study description (seed, methods, conditions, truths, options,
+        config hash).
+    timings : DataFrame, optional
+        Seconds per row (generate + method), kept out of ``table`` so that
+        tables are bitwise reproducible.
+    interrupted : bool
+        The run was stopped by Ctrl-C; the table is partial.
+    """
+
+    def __init__(self, table: pd.DataFrame, *, manifest: dict, timings: pd.DataFrame | None = None,
+                 interrupted: bool = False):
+        self.table = table
+        self.manifest = manifest
+        self.timings = timings
+        self.interrupted = bool(interrupted)
+
+    # -- descriptors ---------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", "study")
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest["methods"])
+
+    @property
+    def factors(self) -> list[str]:
+        return list(self.manifest["factors"])
+
+    @property
+    def conditions(self) -> pd.DataFrame:
+        """The design: ``condition`` index and factor columns."""
+        return conditions_frame(self.manifest["conditions"])
+
+    @property
+    def truths(self) -> list[dict]:
+        return [dict(t) for t in self.manifest.get("truths", [{}] * len(self.manifest["conditions"]))]
+
+    @property
+    def options(self) -> dict:
+        return dict(self.manifest.get("options") or {})
+
+    @property
+    def expected_rows(self) -> int:
+        return len(self.manifest["conditions"]) * int(self.manifest["replicates"]) * len(self.methods)
+
+    @property
+    def complete(self) -> bool:
+        """Every (condition, replicate, method) row is present."""
+        return len(self.table) == self.expected_rows
+
+    def __repr__(self) -> str:
+        return (f"StudyResult(name={self.name!r}, rows={len(self.table)}/{self.expected_rows}, "
+                f"methods={self.methods}, failures={int((self.table['status'] != 'ok').sum())})")
+
+    # -- statistics ----------------------------------------------------------------------------------------
+    def summary(self, reference: str | None = None, *, alpha: float | None = None) -> pd.DataFrame:
+        """Performance measures with Monte Carlo standard errors.
+
+        Parameters
+        ----------
+        reference : str, optional
+            Method for ``rel_efficiency`` (default: the study's
+            ``options["reference"]``, if any).
+        alpha : float, optional
+            Significance level for ``power`` (default: ``options["alpha"]``
+            or 0.05).
+
+        Returns
+        -------
+        DataFrame
+            Tidy: condition columns, ``method``, ``estimand``, ``measure``,
+            ``value``, ``mcse``, ``n_used``, ``failures``; see
+            :func:`simstudy.engine.performance.summarise`.
+        """
+        if reference is None:
+            reference = self.options.get("reference")
+        if alpha is None:
+            alpha = float(self.options.get("alpha", 0.05))
+        return performance.summarise(self.table, factors=self.factors, methods=self.methods, truths=self.truths,
+                                     reference=reference, alpha=alpha)
+
+    def failures(self) -> pd.DataFrame:
+        """Rows whose status is not ``"ok"``, with what reproduces them.
+
+        Returns
+        -------
+        DataFrame
+            Condition columns, ``replicate``, ``method``, ``status``,
+            ``message``, ``seed`` (root) and ``spawn_key``: the data of the
+            replicate are ``np.random.default_rng(SeedSequence(seed,
+            spawn_key=spawn_key))``; ``Study.run_replicate(condition,
+            replicate)`` re-runs it.
+        """
+        cols = ["condition", *self.factors, "replicate", "method", "status", "message"]
+        bad = self.table.loc[self.table["status"] != "ok", cols].reset_index(drop=True)
+        bad["seed"] = int(self.manifest["seed"])
+        bad["spawn_key"] = [f"({c}, {r})" for c, r in zip(bad["condition"], bad["replicate"])]
+        return bad
+
+    def failure_counts(self) -> pd.DataFrame:
+        """Counts of rows per method and status (all conditions)."""
+        t = self.table
+        counts = t.groupby(["method", "status"], sort=False).size().rename("rows").reset_index()
+        order = {m: i for i, m in enumerate(self.methods)}
+        return counts.sort_values(["method", "status"], key=lambda s: s.map(order) if s.name == "method" else s,
+                                  kind="mergesort").reset_index(drop=True)
+
+    def metric_frame(self, metric: str) -> tuple[pd.DataFrame, str]:
+        """Per-replicate values of ``metric`` among ok rows, as column ``_value``.
+
+        ``metric`` is a numeric column of the table, or ``"mse:EST"`` for the
+        squared error ``(EST - truth)^2`` of an estimand with a truth.
+        """
+        ok = self.table[self.table["status"] == "ok"]
+        if metric.startswith("mse:"):
+            est = metric[4:]
+            truth = np.array([t.get(est, np.nan) for t in self.truths], dtype=np.float64)
+            if est not in ok.columns or np.isnan(truth).all():
+                raise ValueError(f"metric={metric!r} is invalid; allowed: 'mse:EST' with EST an estimand that has "
+                                 f"a truth ({self._estimands()})")
+            value = (ok[est].to_numpy(np.float64) - truth[ok["condition"].to_numpy()]) ** 2
+        else:
+            numeric = [c for c in ok.columns if c not in ("condition", "replicate", *self.factors)
+                       and pd.api.types.is_numeric_dtype(ok[c])]
+            if metric not in numeric:
+                raise ValueError(f"metric={metric!r} is invalid; allowed: one of {numeric} or 'mse:EST'")
+            value = ok[metric].to_numpy(np.float64)
+        return ok.assign(_value=value), metric
+
+    def _estimands(self) -> list[str]:
+        out = []
+        for t in self.truths:
+            out += [k for k in t if k not in out]
+        return out
+
+    def rate(self, metric: str, x: str = "n", by: Sequence[str] | None = None, *, theory_slope: float | None = None,
+             theory_constant: float | None = None, level: float = 0.95, scale: str = "fixed") -> RateResult:
+        """Convergence rate of the mean of ``metric`` in ``x`` (WLS on the log-log scale).
+
+        Parameters
+        ----------
+        metric : str
+            A numeric column (e.g. ``"kl"``) or ``"mse:EST"``.
+        x : str
+            Design factor of the rate (default ``"n"``).
+        by : list of str, optional
+            Grouping columns; default ``method`` plus every other design
+            factor that varies.
+        theory_slope, theory_constant : float, optional
+            Theoretical ``metric ~ C x^slope``, e.g. ``-1`` for KL or MSE of a
+            regular parametric estimator.
+        level : float
+            Interval level.
+        scale : {"fixed", "estimated"}
+            See :mod:`simstudy.engine.rates`.
+
+        Returns
+        -------
+        RateResult
+        """
+        if x not in self.table.columns:
+            raise ValueError(f"x={x!r} is invalid; allowed: one of the design factors {self.factors}")
+        if by is None:
+            by = ["method"] + [f for f in self.factors if f != x and self.table[f].nunique(dropna=False) > 1]
+        else:
+            by = list(by)
+            for b in by:
+                if b not in self.table.columns or b == x:
+                    raise ValueError(f"by={by!r} is invalid; allowed: columns of the table other than x={x!r}")
+            missing = [f for f in self.factors if f != x and f not in by and self.table[f].nunique(dropna=False) > 1]
+            if missing:
+                raise ValueError(f"by={by!r} is invalid: design factors {missing} vary and would be pooled; "
+                                 "allowed: include them in by")
+        frame, name = self.metric_frame(metric)
+        return fit_rate(frame, "_value", x, by, theory_slope=theory_slope, theory_constant=theory_constant,
+                        level=level, scale=scale, metric=name)
+
+    def rates(self) -> list[RateResult]:
+        """The rate fits declared in the study's ``options["rates"]``."""
+        return [self.rate(**spec) for spec in self.options.get("rates", [])]
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``replicates.parquet`` and ``manifest.json`` to ``path``.
+
+        The parquet file holds the stored row format (no condition columns;
+        timings as ``_seconds``), so the directory can also be resumed by
+        the same study.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        raw = self.table.drop(columns=self.factors)
+        if self.timings is not None and len(self.timings) == len(raw):
+            raw.insert(5, "_seconds", self.timings["seconds"].to_numpy())
+        else:
+            raw.insert(5, "_seconds", np.nan)
+        atomic_write_parquet(raw, path / TABLE)
+        manifest = dict(self.manifest, complete=self.complete)
+        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1, default=repr))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StudyResult":
+        """Read a directory written by :meth:`save` or by a stored run (complete or not)."""
+        from .study import _finalise
+
+        manifest = read_manifest(path)
+        fin = _finalise(read_rows(path), manifest["conditions"], list(manifest["methods"]),
+                        manifest.get("truths") or [{}] * len(manifest["conditions"]))
+        return cls(fin.table, manifest=manifest, timings=fin.timings)
+
+    # -- output --------------------------------------------------------------------------------------------
+    def plot(self, outdir: str | os.PathLike) -> list[tuple[str, Path]]:
+        """Write the standard figures (see :func:`simstudy.engine.plots.make_figures`)."""
+        from .plots import make_figures
+
+        return make_figures(self, outdir)
+
+    def report(self, outdir: str | os.PathLike, figures: list | None = None) -> Path:
+        """Write ``report.md`` (see :func:`simstudy.engine.report.write_report`)."""
+        from .report import write_report
+
+        return write_report(self, outdir, figures=figures)

@@ -1,0 +1,630 @@
+"""Study definition and the replicate runner (DESIGN §7).
+
+A study is a design grid (conditions) times methods times replicates. For
+each (condition, replicate) the engine draws one data set with
+``generate(cond, rng)`` and hands the same data to every method
+``analyse[name](data, cond)``; each method returns a dict of named scalars
+(estimates, standard errors, interval limits, metrics). The engine records a
+tidy row per (condition, replicate, method) with its status, so that
+performance measures with Monte Carlo standard errors can be computed by
+:meth:`StudyResult.summary` (ADEMP: Morris, White and Crowther 2019).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import numbers
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import seeds as _seeds
+from .design import RESERVED_COLUMNS, conditions_frame, expand_design, factor_names
+from .storage import KEY, Store, callable_fingerprint, config_hash
+
+__all__ = ["Study", "run_replicate"]
+
+_MESSAGE_MAX = 500
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What travels to the workers
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Payload:
+    """Everything a worker needs to run replicates (pickled with cloudpickle)."""
+
+    generate: Callable
+    methods: tuple  # ((name, fn, wants_rng), ...)
+    conditions: tuple  # (dict, ...)
+    seed: int
+    factors: frozenset
+    seed_torch: bool | None
+    copy_data: bool
+
+
+def _wants_rng(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rng" in params
+
+
+def _where(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return ""
+    frame = tb[-1]
+    return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
+
+
+def _message(exc: BaseException, stage: str = "") -> str:
+    text = f"{stage}{type(exc).__name__}: {exc}{_where(exc)}"
+    return text if len(text) <= _MESSAGE_MAX else text[:_MESSAGE_MAX - 3] + "..."
+
+
+def _status_of(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    if isinstance(status, str) and status and status != "ok":
+        return status
+    return "error"
+
+
+def _to_value(v: Any) -> Any:
+    """Convert one returned value to float or str; raise TypeError otherwise."""
+    if v is None:
+        return math.nan
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return _to_value(v.reshape(()).item())
+    if hasattr(v, "item") and hasattr(v, "numel") and v.numel() == 1:  # torch tensor, no torch import
+        return _to_value(v.item())
+    raise TypeError(f"value of type {type(v).__name__} is unsupported; allowed: a real scalar, bool, str or None")
+
+
+def _convert(out: Any, factors: frozenset) -> tuple[str, str, dict]:
+    """Turn a method's return value into (status, message, values)."""
+    if isinstance(out, pd.Series):
+        out = out.to_dict()
+    if not isinstance(out, Mapping):
+        if isinstance(out, (numbers.Real, np.ndarray, str)) or hasattr(out, "numel") or out is None:
+            out = {"value": out}
+        else:
+            return "error", f"returned {type(out).__name__}; allowed: a dict of named scalars or one scalar", {}
+    values: dict[str, Any] = {}
+    for k, v in out.items():
+        if not isinstance(k, str) or not k or k in RESERVED_COLUMNS or k in factors or k.startswith("_"):
+            return "error", (f"returned key {k!r}; allowed: a non-empty string not starting with '_', not in "
+                             f"{list(RESERVED_COLUMNS)} and not a design factor"), {}
+        try:
+            values[k] = _to_value(v)
+        except TypeError as exc:
+            return "error", f"returned {k}: {exc}", {}
+    bad = [k for k, v in values.items() if isinstance(v, float) and math.isnan(v)]
+    if bad:
+        return "nan", "NaN in: " + ", ".join(bad), values
+    return "ok", "", values
+
+
+def _call(payload: _Payload, fn: Callable, seed_args: tuple, make_args: Callable[[], tuple],
+          kwargs: Callable[[], dict]) -> Any:
+    """Call ``fn`` with torch seeded from ``seed_args``.
+
+    With ``seed_torch=None`` a call that imports torch for the first time in
+    this process ran unseeded; it is run once more, now seeded and pinned to
+    one thread, so that the row does not depend on which replicate happened
+    to import torch in which worker.
+    """
+    auto = payload.seed_torch is None
+    loaded = "torch" in sys.modules
+    if payload.seed_torch is not False:
+        _seeds.seed_torch_if_loaded(*seed_args, force=bool(payload.seed_torch))
+    out = fn(*make_args(), **kwargs())
+    if auto and not loaded and "torch" in sys.modules:
+        _seeds.pin_torch_threads()
+        _seeds.seed_torch_if_loaded(*seed_args)
+        out = fn(*make_args(), **kwargs())
+    return out
+
+
+def _run_one(payload: _Payload, c: int, r: int, method_indices: Sequence[int]) -> list[dict]:
+    """Run the listed methods on replicate ``r`` of condition ``c``; one row per method."""
+    seed = payload.seed
+    cond = dict(payload.conditions[c])
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        data = _call(payload, payload.generate, (seed, c, r, None),
+                     lambda: (dict(cond), _seeds.replicate_rng(seed, c, r)), dict)
+        failure = None
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, never raised (DESIGN §7)
+        failure = (_status_of(exc), _message(exc, "generate: "))
+    gen_seconds = time.perf_counter() - t0
+    last = len(method_indices) - 1
+    for pos, m in enumerate(method_indices):
+        name, fn, wants_rng = payload.methods[m]
+        row = {"condition": c, "replicate": r, "method": name}
+        if failure is not None:
+            row.update(status=failure[0], message=failure[1], _seconds=0.0)
+            rows.append(row)
+            continue
+        t1 = time.perf_counter()
+        # Methods must all see the same data, also on resume where only some run: copy for all but the last.
+        copy_it = payload.copy_data and pos < last
+        try:
+            out = _call(payload, fn, (seed, c, r, m),
+                        lambda: (copy.deepcopy(data) if copy_it else data, dict(cond)),
+                        (lambda: {"rng": _seeds.method_rng(seed, c, r, m)}) if wants_rng else dict)
+            status, message, values = _convert(out, payload.factors)
+        except Exception as exc:  # noqa: BLE001
+            status, message, values = _status_of(exc), _message(exc), {}
+        row.update(status=status, message=message, _seconds=time.perf_counter() - t1 + gen_seconds)
+        row.update(values)
+        rows.append(row)
+    return rows
+
+
+def _run_batch(payload: _Payload, items: Sequence[tuple[int, int, tuple]]) -> list[dict]:
+    """Run a batch of (condition, replicate, method indices) items with one thread each."""
+    rows: list[dict] = []
+    with _seeds.single_threaded(force_torch=bool(payload.seed_torch)):
+        for c, r, ms in items:
+            rows.extend(_run_one(payload, c, r, ms))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Study
+# ------------------------------------------------------------------------------------------------------------
+def _normalise_methods(analyse: Any) -> dict[str, Callable]:
+    if callable(analyse) and not isinstance(analyse, Mapping):
+        analyse = [analyse]
+    if isinstance(analyse, Mapping):
+        methods = dict(analyse)
+    elif isinstance(analyse, Sequence) and not isinstance(analyse, (str, bytes)):
+        methods = {}
+        for fn in analyse:
+            name = getattr(fn, "__name__", None)
+            if not callable(fn) or not name or name == "<lambda>":
+                raise ValueError(f"analyse item {fn!r} is invalid; allowed: a named function, or pass a dict "
+                                 "name -> function")
+            if name in methods:
+                raise ValueError(f"analyse has two methods named {name!r}; allowed: distinct names (use a dict)")
+            methods[name] = fn
+    else:
+        raise ValueError(f"analyse={analyse!r} is invalid; allowed: a dict name -> function(data, cond), "
+                         "a list of functions or one function")
+    if not methods:
+        raise ValueError("analyse={} is invalid; allowed: at least one method")
+    for name, fn in methods.items():
+        if not isinstance(name, str) or not name or name in RESERVED_COLUMNS:
+            raise ValueError(f"method name {name!r} is invalid; allowed: a non-empty string")
+        if not callable(fn):
+            raise ValueError(f"analyse[{name!r}]={fn!r} is invalid; allowed: a callable (data, cond) -> dict")
+    return methods
+
+
+def _check_truth_value(name: str, value: Any, cond_index: int) -> float:
+    try:
+        v = _to_value(value)
+    except TypeError:
+        v = None
+    if not isinstance(v, float) or math.isnan(v):
+        raise ValueError(f"truth(condition {cond_index})[{name!r}]={value!r} is invalid; allowed: a real number")
+    return v
+
+
+class Study:
+    """A Monte Carlo simulation study: design x methods x replicates (DESIGN §7).
+
+    Parameters
+    ----------
+    design : mapping, list of dict or DataFrame
+        Conditions: ``{"n": [20, 50], "p": [0.1, 0.5]}`` is a full factorial
+        grid (4 conditions); a list of dicts is used as given (non-factorial).
+        See :func:`simstudy.engine.design.expand_design`.
+    generate : callable
+        ``generate(cond, rng) -> data``: draws one data set for condition
+        ``cond`` (a dict) from ``rng`` (a :class:`numpy.random.Generator`
+        keyed by the replicate's position; see :mod:`simstudy.engine.seeds`).
+    analyse : dict, list or callable
+        Methods, ``name -> fn(data, cond) -> dict`` of named scalars. A method
+        whose signature has an ``rng`` parameter is also passed its own
+        Generator. Raise :class:`~simstudy.engine.FitFailure` (or any
+        exception with a ``status`` attribute) to record a typed failure.
+        Returned names ``est``, ``est_se``, ``est_ci_low``, ``est_ci_high``,
+        ``est_pvalue`` attach a standard error, interval and p-value to the
+        estimand ``est``; with a single estimand (or one called
+        ``"estimate"``) the bare names ``se``, ``ci_low``, ``ci_high``,
+        ``pvalue`` do too.
+    truth : callable, optional
+        ``truth(cond) -> dict`` estimand name -> true value (a scalar is the
+        estimand ``"estimate"``). Evaluated once per condition in the calling
+        process. Without it, :meth:`StudyResult.summary` reports the mean of
+        each returned metric.
+    replicates : int
+        Replicates per condition (>= 1).
+    seed : int, optional
+        Root seed. ``None`` draws one from the OS and records it.
+    name : str, optional
+        Study name for reports.
+    fingerprint : str, optional
+        Text identifying the code of the study for the store's config hash;
+        by default derived from the source of ``generate``, the methods and
+        ``truth``.
+    copy_data : bool
+        Deep-copy the data for every method but the last of a replicate, so a
+        method that mutates its input cannot affect another.
+    seed_torch : bool or None
+        ``None``: seed torch from the replicate stream if the calling process
+        or the worker has imported it; ``True``: import and seed it always;
+        ``False``: never. Torch is seeded before ``generate`` and again before
+        each method, from streams keyed by position.
+    options : dict, optional
+        Reporting options stored with the results (not hashed):
+        ``reference`` (method for relative efficiency), ``rates`` (list of
+        keyword dicts for :meth:`StudyResult.rate`), ``level`` (nominal
+        coverage, default 0.95), ``description``, ``figures`` (list of
+        ``"module:function"`` hooks ``fn(result, figdir) -> [(title, path)]``).
+
+    Examples
+    --------
+    >>> study = Study(design={"n": [20, 50]}, generate=lambda c, rng: rng.normal(size=c["n"]),
+    ...               analyse={"mean": lambda x, c: {"estimate": x.mean()}},
+    ...               truth=lambda c: {"estimate": 0.0}, replicates=10, seed=1)
+    >>> study.run().summary().query("measure == 'bias'")  # doctest: +SKIP
+    """
+
+    def __init__(self, design, generate: Callable, analyse, truth: Callable | None = None, replicates: int = 100,
+                 seed: int | None = None, *, name: str | None = None, fingerprint: str | None = None,
+                 copy_data: bool = True, seed_torch: bool | None = None, options: Mapping | None = None):
+        self.conditions = expand_design(design)
+        self.factors = factor_names(self.conditions)
+        if not callable(generate):
+            raise ValueError(f"generate={generate!r} is invalid; allowed: a callable (cond, rng) -> data")
+        self.generate = generate
+        self.methods = _normalise_methods(analyse)
+        for m in self.methods:
+            if m in self.factors:
+                raise ValueError(f"method name {m!r} is invalid; allowed: a name that is not a design factor")
+        if truth is not None and not callable(truth):
+            raise ValueError(f"truth={truth!r} is invalid; allowed: a callable cond -> dict, or None")
+        self.truth = truth
+        if isinstance(replicates, np.integer):
+            replicates = int(replicates)
+        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+            raise ValueError(f"replicates={replicates!r} is invalid; allowed: an integer >= 1")
+        self.replicates = replicates
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        self.seed = _seeds.check_seed(seed)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name={name!r} is invalid; allowed: a string")
+        self.name = name or "study"
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise ValueError(f"fingerprint={fingerprint!r} is invalid; allowed: a string or None")
+        self.fingerprint = fingerprint if fingerprint is not None else self._derive_fingerprint()
+        if seed_torch not in (None, True, False):
+            raise ValueError(f"seed_torch={seed_torch!r} is invalid; allowed: None, True or False")
+        self.copy_data = bool(copy_data)
+        self.seed_torch = seed_torch
+        self.options = dict(options or {})
+        self._truths: list[dict] | None = None
+
+    # -- identity ------------------------------------------------------------------------------------------
+    def _derive_fingerprint(self) -> str:
+        parts = [callable_fingerprint(self.generate), callable_fingerprint(self.truth)]
+        parts += [f"{k}={callable_fingerprint(f)}" for k, f in self.methods.items()]
+        return "\n".join(parts)
+
+    @property
+    def config_hash(self) -> str:
+        """SHA-256 of design, methods, replicates, seed and fingerprint (see storage)."""
+        return config_hash(conditions=self.conditions, methods=list(self.methods), replicates=self.replicates,
+                           seed=self.seed, fingerprint=self.fingerprint)
+
+    def truths(self) -> list[dict]:
+        """True estimand values, one dict per condition (evaluated once, cached)."""
+        if self._truths is None:
+            out = []
+            for i, cond in enumerate(self.conditions):
+                if self.truth is None:
+                    out.append({})
+                    continue
+                t = self.truth(dict(cond))
+                if not isinstance(t, Mapping):
+                    t = {"estimate": t}
+                out.append({str(k): _check_truth_value(str(k), v, i) for k, v in t.items()})
+            self._truths = out
+        return self._truths
+
+    def manifest(self) -> dict:
+        """The JSON description stored with the results."""
+        from .. import __version__
+
+        return {"format": 1, "simstudy_version": __version__, "name": self.name, "config_hash": self.config_hash,
+                "seed": self.seed, "replicates": self.replicates, "methods": list(self.methods),
+                "factors": self.factors, "conditions": self.conditions, "truths": self.truths(),
+                "options": self.options}
+
+    def __repr__(self) -> str:
+        return (f"Study(name={self.name!r}, conditions={len(self.conditions)}, methods={list(self.methods)}, "
+                f"replicates={self.replicates}, seed={self.seed})")
+
+    def _payload(self) -> _Payload:
+        # seed_torch=None: if this process has loaded torch the study very likely uses it, so make every worker
+        # import and seed it before the first replicate (a lazy import inside a method would otherwise leave the
+        # first replicate of each worker unseeded); otherwise workers seed torch only if they have loaded it.
+        seed_torch = self.seed_torch
+        if seed_torch is None and "torch" in sys.modules:
+            seed_torch = True
+        return _Payload(generate=self.generate,
+                        methods=tuple((k, f, _wants_rng(f)) for k, f in self.methods.items()),
+                        conditions=tuple(self.conditions), seed=self.seed, factors=frozenset(self.factors),
+                        seed_torch=seed_torch, copy_data=self.copy_data)
+
+    # -- single replicates ---------------------------------------------------------------------------------
+    def rng(self, condition: int, replicate: int) -> np.random.Generator:
+        """The Generator that ``generate`` receives for (condition, replicate)."""
+        return _seeds.replicate_rng(self.seed, condition, replicate)
+
+    def run_replicate(self, condition: int, replicate: int, methods: Sequence[str] | None = None) -> pd.DataFrame:
+        """Re-run one replicate in this process (e.g. to debug a recorded failure).
+
+        Parameters
+        ----------
+        condition, replicate : int
+            Positions as in the results table.
+        methods : list of str, optional
+            Methods to run (default all).
+
+        Returns
+        -------
+        DataFrame
+            The replicate's rows, identical to those of :meth:`run`.
+        """
+        self._check_position(condition, replicate)
+        names = list(self.methods)
+        chosen = names if methods is None else list(methods)
+        for m in chosen:
+            if m not in self.methods:
+                raise ValueError(f"method={m!r} is invalid; allowed: one of {names}")
+        rows = _run_batch(self._payload(), [(condition, replicate, tuple(names.index(m) for m in chosen))])
+        return _finalise(pd.DataFrame(rows), self.conditions, names, self.truths()).table
+
+    def _check_position(self, condition: int, replicate: int) -> None:
+        if not (isinstance(condition, (int, np.integer)) and 0 <= condition < len(self.conditions)):
+            raise ValueError(f"condition={condition!r} is invalid; allowed: 0..{len(self.conditions) - 1}")
+        if not (isinstance(replicate, (int, np.integer)) and 0 <= replicate < self.replicates):
+            raise ValueError(f"replicate={replicate!r} is invalid; allowed: 0..{self.replicates - 1}")
+
+    # -- running -------------------------------------------------------------------------------------------
+    def run(self, n_jobs: int | None = None, *, backend: str = "loky", scheduler: str | None = None,
+            store: str | os.PathLike | None = None, progress: bool | None = None, flush_seconds: float = 2.0,
+            batch_size: int | None = None) -> "StudyResult":
+        """Run (or resume) the study.
+
+        Parameters
+        ----------
+        n_jobs : int, optional
+            Worker processes. ``None`` or 1 with ``backend="loky"`` runs in this
+            process; -1 uses all CPUs. With ``backend="dask"`` and no scheduler,
+            the number of LocalCluster workers (default 2).
+        backend : {"loky", "dask"}
+            joblib's loky process pool, or a dask.distributed cluster.
+        scheduler : str, optional
+            Address of a running dask scheduler (``"tcp://host:8786"``); without
+            it a LocalCluster (processes, one thread each) is started and
+            stopped for the run. Only with ``backend="dask"``.
+        store : path, optional
+            Directory for kill-safe storage and resume (see
+            :mod:`simstudy.engine.storage`). Rows already stored are skipped;
+            a directory holding another study is refused.
+        progress : bool, optional
+            Show a tqdm progress bar; default: when stderr is a terminal.
+        flush_seconds : float
+            With a store, write finished rows at least this often.
+        batch_size : int, optional
+            Replicates per task sent to a worker; default adaptive (one at
+            first, then as many as take about 0.5 s; see
+            :mod:`simstudy.engine.backends`).
+
+        Returns
+        -------
+        StudyResult
+            The tidy table and performance measures. After Ctrl-C the run
+            stops cleanly, keeps (and stores) every finished row, warns, and
+            returns a partial result with ``interrupted=True``.
+        """
+        from .backends import execute
+        from .result import StudyResult
+
+        if backend not in ("loky", "dask"):
+            raise ValueError(f"backend={backend!r} is invalid; allowed: 'loky' or 'dask'")
+        if scheduler is not None and backend != "dask":
+            raise ValueError(f"scheduler={scheduler!r} is invalid with backend={backend!r}; allowed: only with "
+                             "backend='dask'")
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer))
+                                   or n_jobs == 0 or n_jobs < -1):
+            raise ValueError(f"n_jobs={n_jobs!r} is invalid; allowed: None, -1 or an integer >= 1")
+        if not (isinstance(flush_seconds, (int, float)) and flush_seconds >= 0):
+            raise ValueError(f"flush_seconds={flush_seconds!r} is invalid; allowed: a number >= 0")
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: None or an integer >= 1")
+        names = list(self.methods)
+        manifest = self.manifest()
+        st = Store(store, manifest).open() if store is not None else None
+        try:
+            stored = st.rows() if st is not None else None
+            done: dict[tuple[int, int], set] = {}
+            if stored is not None and len(stored):
+                for c, r, m in zip(stored["condition"].to_numpy(), stored["replicate"].to_numpy(),
+                                   stored["method"].to_numpy()):
+                    done.setdefault((int(c), int(r)), set()).add(str(m))
+            items = []
+            for c in range(len(self.conditions)):
+                for r in range(self.replicates):
+                    have = done.get((c, r), ())
+                    todo = tuple(i for i, m in enumerate(names) if m not in have)
+                    if todo:
+                        items.append((c, r, todo))
+            new_rows: list[dict] = []
+            buffer: list[dict] = []
+            last_flush = [time.monotonic()]
+
+            def flush() -> None:
+                if st is not None and buffer:
+                    st.write_chunk(_raw_frame(buffer))
+                    buffer.clear()
+                last_flush[0] = time.monotonic()
+
+            def on_rows(rows: list[dict]) -> None:
+                new_rows.extend(rows)
+                if st is not None:
+                    buffer.extend(rows)
+                    if time.monotonic() - last_flush[0] >= flush_seconds:
+                        flush()
+
+            interrupted = False
+            if items:
+                show = (sys.stderr.isatty() if progress is None else bool(progress))
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(items), disable=not show, unit="rep", desc=self.name, file=sys.stderr,
+                           dynamic_ncols=True, smoothing=0.05)
+                try:
+                    execute(self._payload(), items, n_jobs=n_jobs, backend=backend, scheduler=scheduler,
+                            batch_size=batch_size, on_rows=on_rows, on_items=bar.update)
+                except KeyboardInterrupt:
+                    interrupted = True
+                finally:
+                    bar.close()
+                    flush()
+            raw = [stored] if stored is not None and len(stored) else []
+            if new_rows:
+                raw.append(_raw_frame(new_rows))
+            raw_frame = (pd.concat(raw, ignore_index=True, sort=False) if len(raw) > 1 else
+                         raw[0] if raw else _raw_frame([]))
+            fin = _finalise(raw_frame, self.conditions, names, self.truths())
+            expected = len(self.conditions) * self.replicates * len(names)
+            complete = len(fin.table) == expected
+            if st is not None and complete and (items or not st.manifest.get("complete")):
+                st.consolidate(fin.raw)
+            if st is not None:
+                manifest["complete"] = bool(st.manifest.get("complete"))
+            if interrupted:
+                warnings.warn(f"study {self.name!r} interrupted: {len(fin.table)} of {expected} rows finished"
+                              + (f" and stored in {str(store)!r}; run again to resume" if st is not None
+                                 else "; pass store= to keep them across runs"), RuntimeWarning, stacklevel=2)
+            return StudyResult(fin.table, manifest=manifest, timings=fin.timings, interrupted=interrupted)
+        finally:
+            if st is not None:
+                st.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Raw rows -> tidy table
+# ------------------------------------------------------------------------------------------------------------
+def _raw_frame(rows: list[dict]) -> pd.DataFrame:
+    if not rows:
+        return pd.DataFrame({"condition": pd.Series(dtype="int64"), "replicate": pd.Series(dtype="int64"),
+                             "method": pd.Series(dtype="str"), "status": pd.Series(dtype="str"),
+                             "message": pd.Series(dtype="str"), "_seconds": pd.Series(dtype="float64")})
+    return pd.DataFrame(rows)
+
+
+def companion_columns(estimand: str, columns, n_estimands: int) -> dict[str, str]:
+    """Columns holding the standard error, interval limits and p-value of an estimand.
+
+    ``est_se``, ``est_ci_low``, ``est_ci_high``, ``est_pvalue`` if present;
+    otherwise the bare ``se``, ``ci_low``, ``ci_high``, ``pvalue`` when the
+    estimand is called ``"estimate"`` or is the only one.
+    """
+    cols = set(columns)
+    out = {}
+    for part in ("se", "ci_low", "ci_high", "pvalue"):
+        if f"{estimand}_{part}" in cols:
+            out[part] = f"{estimand}_{part}"
+        elif (estimand == "estimate" or n_estimands == 1) and part in cols:
+            out[part] = part
+    return out
+
+
+@dataclass
+class _Final:
+    table: pd.DataFrame
+    raw: pd.DataFrame
+    timings: pd.DataFrame
+
+
+def _finalise(raw: pd.DataFrame, conditions: list[dict], methods: list[str], truths: list[dict]) -> _Final:
+    """Deduplicate, sort and type the raw rows; add condition columns.
+
+    The result depends only on the set of rows, never on arrival order, so
+    tables are bitwise identical across backends and worker counts.
+    """
+    raw = raw.drop_duplicates(subset=KEY, keep="first")
+    order = {m: i for i, m in enumerate(methods)}
+    midx = raw["method"].map(order).to_numpy()
+    raw = raw.assign(_m=midx).sort_values(["condition", "replicate", "_m"], kind="mergesort")
+    raw = raw.drop(columns="_m").reset_index(drop=True)
+    raw["condition"] = raw["condition"].astype("int64")
+    raw["replicate"] = raw["replicate"].astype("int64")
+    for col in ("method", "status", "message"):
+        raw[col] = raw[col].fillna("").astype("str")
+    if "_seconds" not in raw:
+        raw["_seconds"] = np.nan
+    raw["_seconds"] = raw["_seconds"].astype("float64")
+    fixed = {"condition", "replicate", "method", "status", "message", "_seconds"}
+    value_cols = [c for c in raw.columns if c not in fixed]
+    for col in value_cols:
+        s = raw[col]
+        if pd.api.types.is_numeric_dtype(s) or s.isna().all():
+            raw[col] = s.astype("float64")
+        else:
+            raw[col] = s.astype("object").where(s.notna(), None)
+    estimands = []
+    for t in truths:
+        for k in t:
+            if k not in estimands:
+                estimands.append(k)
+    ordered: list[str] = []
+    for e in estimands:
+        if e in value_cols:
+            ordered.append(e)
+            for part, col in companion_columns(e, value_cols, len(estimands)).items():
+                if col not in ordered:
+                    ordered.append(col)
+    ordered += sorted(c for c in value_cols if c not in ordered)
+    cond = conditions_frame(conditions)
+    factors = [c for c in cond.columns if c != "condition"]
+    idx = raw["condition"].to_numpy()
+    table = pd.DataFrame({"condition": raw["condition"]})
+    for f in factors:
+        table[f] = cond[f].to_numpy()[idx] if len(idx) else cond[f].iloc[:0].to_numpy()
+        table[f] = table[f].astype(cond[f].dtype)
+    for col in ["replicate", "method", "status", "message"] + ordered:
+        table[col] = raw[col]
+    timings = raw[["condition", "replicate", "method", "_seconds"]].rename(columns={"_seconds": "seconds"})
+    raw = raw[["condition", "replicate", "method", "status", "message", "_seconds"] + ordered]
+    return _Final(table=table, raw=raw, timings=timings)
+
+
+def run_replicate(study: Study, condition: int, replicate: int) -> pd.DataFrame:
+    """Functional alias of :meth:`Study.run_replicate`."""
+    return study.run_replicate(condition, replicate)
