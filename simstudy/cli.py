@@ -1,4 +1,4 @@
-"""Command line: ``simstudy run | summarize | plot | report | list`` (DESIGN §7).
+"""Command line: ``simstudy run | summarize | plot | report | list | check`` (DESIGN §6, §7).
 
 ``simstudy run`` without argument runs the built-in default study
 (:data:`simstudy.studies.spec.DEFAULT_STUDY`; the generic demo until the
@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
     sub.add_parser("list", help="list study kinds, built-in studies, DGMs, methods, equations")
+    c = sub.add_parser("check", help="run the paper checks of DESIGN §6 (one verdict line each)",
+                       description="Run paper checks: each states a claim, runs a study and decides with a rule "
+                                   "built on Monte Carlo standard errors. Exit 0 when every decided claim holds, "
+                                   "1 when one fails, 2 for bad input.")
+    c.add_argument("name", help="a check name, a comma list, or 'all' (see 'simstudy list')")
+    c.add_argument("--scale", choices=["smoke", "full"], default="smoke", help="smoke (CI, minutes) or full")
+    c.add_argument("--out", default="results/checks", help="folder for NAME.json, tables and figures")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a check parameter (vocab_size, latent_dim, teacher, seed, replicates, ...)")
+    c.add_argument("--n-jobs", type=_positive_or_all, default=1, help="worker processes")
+    c.add_argument("--page", default=None, help="also write the results page (e.g. paper_checks/RESULTS.md)")
     return p
 
 
@@ -129,7 +140,11 @@ def _cmd_run(args) -> int:
     o = _outputs(res, out)
     print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
           f"{study.replicates} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
-    print(format_summary(o["summary"]))
+    summary = o["summary"]
+    headline = res.options.get("headline")
+    if headline:  # the study names its headline metrics; the full table is in summary.csv and report.md
+        summary = summary[summary["estimand"].isin(headline)]
+    print(format_summary(summary, max_rows=200))
     for r in o["rates"]:
         print(r.summary())
     print(f"wrote {out}/replicates.parquet, summary.csv, report.md, figures/ ({len(o['figures'])} png)")
@@ -195,6 +210,18 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .checks.runner import main_check
+
+    command = "simstudy check " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["check"] else None
+    try:
+        return main_check(args.name, scale=args.scale, out=args.out, sets=args.set, n_jobs=args.n_jobs,
+                          page=args.page, command=command)
+    except KeyboardInterrupt:
+        print(f"simstudy: interrupted; finished checks are kept in {args.out}/", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``simstudy`` console script; returns the exit status."""
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -203,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or one-line usage error (2)
         return int(exc.code or 0)
-    handler = {"run": _cmd_run, "summarize": _cmd_summarize, "plot": _cmd_plot, "report": _cmd_report,
+    handler = {"check": _cmd_check, "run": _cmd_run, "summarize": _cmd_summarize, "plot": _cmd_plot, "report": _cmd_report,
                "list": _cmd_list}[args.command]
     return handler(args)
 

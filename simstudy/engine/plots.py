@@ -300,6 +300,8 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
     Bias (estimands with a truth), coverage and zip plots (estimands with
     intervals), the mean of each other metric, the rate plots declared in the
     study's ``options["rates"]`` and any ``options["figures"]`` hooks
+    (``options["headline"]``, a list of metric names, restricts and orders the
+    mean plots)
     (``"module:function"``, called as ``fn(result, outdir)`` and returning
     ``[(title, path), ...]``).
 
@@ -339,6 +341,9 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
                 fig = zip_plot(result, e, level=level)
                 out.append((f"Zip plot of {e}", _save(fig, outdir / f"zip_{e}.png")))
     metrics = [m for m in dict.fromkeys(summary.loc[summary["measure"] == "mean", "estimand"]) if m not in estimands]
+    headline = result.options.get("headline")
+    if headline:  # the study names the metrics that matter; plot those, in that order
+        metrics = [m for m in headline if m in metrics]
     for m in metrics[:max_metrics]:
         fig = measure_plot(summary, "mean", m, factors=result.factors)
         out.append((f"Mean of {m}", _save(fig, outdir / f"mean_{m}.png")))

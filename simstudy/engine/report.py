@@ -184,7 +184,13 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
         lines += [f"Reference method for relative efficiency: {opts['reference']}.", ""]
     if not len(summary):
         lines += ["No finished rows.", ""]
-    for e in dict.fromkeys(summary["estimand"]):
+    estimands = list(dict.fromkeys(summary["estimand"]))
+    headline = [e for e in opts.get("headline") or [] if e in estimands]
+    if headline:  # the study's headline metrics first, then the rest
+        estimands = headline + [e for e in estimands if e not in headline]
+    for i, e in enumerate(estimands):
+        if headline and i == len(headline):
+            lines += ["### Further metrics", "", "Diagnostics and secondary metrics of every method.", ""]
         wide = summary_wide(summary, e, combined=True).drop(columns=["condition"])
         is_metric = set(summary.loc[summary["estimand"] == e, "measure"]) == {"mean"}
         lines += [f"### {'Metric' if is_metric else 'Estimand'}: {e}", "", markdown_table(wide), ""]

@@ -36,6 +36,7 @@ A study file of this kind::
     [evaluation]              # optional
     bins = 4                  # distance bins of the extrapolation curve
     mc_draws = 4096           # Monte Carlo draws for marginals without quadrature
+    headline = ["kl_id", "kl_oos"]   # metrics printed by `simstudy run` and plotted (all are in summary.csv)
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ from .perturbation import BASELINES, MethodSpec, make_analyse, make_generate
 
 DGM_KEYS = set(inspect.signature(PerturbedNextToken.__init__).parameters) - {"self"}
 METHOD_KEYS = {f.name for f in fields(MethodSpec)} - {"name"}
-EVALUATION_KEYS = {"bins", "mc_draws"}
+EVALUATION_KEYS = {"bins", "mc_draws", "headline"}
+HEADLINE = ["kl_id", "kl_oos", "tv_id", "tv_oos", "scale_ratio"]
 QUICK_STUDY = Path(__file__).with_name("quick.toml")
 
 
@@ -118,6 +120,8 @@ def _build(sf: spec.StudyFile) -> Study:
                           allowed="an integer >= 1")
     mc_draws = spec.get_value(evaluation, "mc_draws", int, "evaluation", default=4096, check=lambda v: v >= 2,
                               allowed="an integer >= 2")
+    headline = spec.get_value(evaluation, "headline", list, "evaluation", default=HEADLINE,
+                              check=lambda v: all(isinstance(m, str) for m in v), allowed="a list of metric names")
     analyse = {}
     for name, table in methods_t.items():
         if not isinstance(table, dict):
@@ -125,6 +129,7 @@ def _build(sf: spec.StudyFile) -> Study:
         analyse[name] = make_analyse(_method(name, table, defaults), num_bins=bins, mc_draws=mc_draws)
     options = sf.options()
     options["figures"] = list(options.get("figures", [])) + ["simstudy.studies.domain:extrapolation_figure"]
+    options["headline"] = headline
     fingerprint = sf.fingerprint or repr(sorted({**{"dgm": dgm_t, "fresh": fresh, "defaults": defaults,
                                                    "evaluation": evaluation}, "methods": methods_t}.items()))
     return Study(design=sf.design, generate=make_generate(dgm_t, fresh_teacher=fresh), analyse=analyse,

@@ -167,8 +167,9 @@ def make_analyse(spec: MethodSpec, *, num_bins: int = 4, mc_draws: int = 4096):
         for k, row in enumerate(curve.itertuples(index=False)):
             out[f"kl_oos_bin{k + 1}"] = float(row.kl)
             out[f"distance_bin{k + 1}"] = float(row.distance)
-        out.update(metrics.perturbation_recovery(student, dgm.teacher))
-        for key in ("steps", "seconds", "evaluations", "grad_norm", "quadrature_error"):
+        if hasattr(student.perturbation, "A"):  # recovery is defined for learned linear perturbations only
+            out.update(metrics.perturbation_recovery(student, dgm.teacher))
+        for key in ("steps", "evaluations", "grad_norm", "quadrature_error"):  # timing lives in the engine's _seconds
             if key in fit.stats:
                 out[f"fit_{key}"] = float(fit.stats[key])
         out["n_parameters"] = float(sum(p.numel() for p in student.parameters() if p.requires_grad))

@@ -412,6 +412,7 @@ def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
     SpecError
         Invalid TOML, unknown table or key, wrong type or impossible value.
     """
+    load_plugins()
     label = str(path) if path is not None else "<text>"
     try:
         doc = tomllib.loads(text)
