@@ -95,6 +95,21 @@ def held_out_score(model, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 
     return float((torch.logsumexp(model.log_lik(x, y, latent), dim=1) - math.log(num_draws)).mean())
 
 
+def _snapshot(model) -> dict:
+    """A copy of what training changes: the trainable state when the model says what it is
+    (an LLM wrapper: LoRA and perturbation only), else the whole state dict."""
+    if hasattr(model, "trainable_state_dict"):
+        return copy.deepcopy(model.trainable_state_dict())
+    return copy.deepcopy(model.state_dict())
+
+
+def _restore(model, state: dict) -> None:
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(state)
+    else:
+        model.load_state_dict(state)
+
+
 def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDConfig | None = None,
             generator: torch.Generator | None = None, progress=None) -> FitResult:
     """Solve ``equation`` on data (x (n, L), y (n, c)) by stochastic optimisation.
@@ -170,7 +185,7 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
                     raise FitDiverged(f"non-finite validation score at step {step}")
                 if score > best_score:
                     best_score, best_step, bad_evals = score, step, 0
-                    best_state = copy.deepcopy(model.state_dict())
+                    best_state = _snapshot(model)
                 else:
                     bad_evals += 1
                     if bad_evals >= config.patience:
@@ -181,7 +196,7 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
     if not all(torch.isfinite(p).all() for p in params):
         raise FitDiverged("non-finite parameters at the end of the fit")
     if best_state is not None:
-        model.load_state_dict(best_state)
+        _restore(model, best_state)
     stats = {"steps": step, "budget": total, "n_train": int(n_train), "n_validation": int(n_val),
              "best_step": best_step if n_val else step, "stopped_early": stopped_early,
              "seconds": time.perf_counter() - started, "final_loss": ema}

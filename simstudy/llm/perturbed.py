@@ -1,0 +1,460 @@
+"""A frozen causal LM with LoRA adapters and a perturbed prompt: p(y | x, z) (DESIGN §2, §8).
+
+:class:`PerturbedCausalLM` exposes the interface of the synthetic
+:class:`simstudy.models.PerturbedLM` (``vocab_size``, ``perturbation``,
+``prefix_len``, ``dtype``, ``continuation``, ``sample_latent``, ``log_probs``,
+``token_log_lik``, ``log_lik``, ``quadrature_log_lik``), so every estimating
+equation of :mod:`simstudy.equations` runs on a real LLM unchanged.
+
+The model, for a prompt x of exactly L tokens and a continuation y of c tokens:
+
+    p(y | x, z) = prod_j softmax(head(body([E(x) + G_phi(z), E(y_<j)])))_{y_j}
+
+The perturbation G_phi acts on the prompt's input embeddings only (through
+``inputs_embeds``); the continuation tokens enter unperturbed. B data times K
+latent draws go through the network as ONE forward pass of B*K rows.
+
+Fixed prompt length. A perturbation map has a fixed shape L x d, so every prompt
+has exactly ``prefix_len`` tokens. The corpus windows of :mod:`simstudy.llm.corpora`
+always do (prompts are cut from packed token streams, never padded); free text
+is left-truncated to its last L tokens or left-padded with the end-of-text token
+(a document boundary the model has seen in training) by :func:`encode_prompts`.
+No attention mask is therefore ever needed.
+
+Precision. The base may run in bfloat16 (the default on CUDA); the perturbation,
+the latent draws and every log-probability are float32 (``dtype``), logits are
+upcast before the softmax.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import quadrature
+from ..models.perturbations import NoPerturbation, Perturbation, make_perturbation
+from .model import LoRAConfig, add_lora
+
+LLM_PERTURBATIONS = ("linear", "mlp", "mlp-conditional", "gaussian", "neftune", "discrete", "none")
+
+
+# ---- the discrete baseline at LLM scale ------------------------------------------------------
+class NeighbourSubstitution(Perturbation):
+    """Discrete baseline (arXiv 2605.04344) for a large vocabulary (DESIGN §2).
+
+    Each prompt token is replaced with probability ``rho`` by a token drawn from
+    k(u | v) proportional to exp(-||E_u - E_v||^2 / h), truncated to the
+    ``num_neighbours`` nearest tokens of v (v itself included): the (V, V)
+    kernel of :class:`simstudy.models.DiscreteSubstitution` would take 9.7 GB at
+    V = 49152. Kernel rows are computed on first use, per token, and cached.
+    The bandwidth h defaults to the median, over 512 evenly spaced token ids, of
+    the squared distance to the nearest other token. The latent is the
+    substituted prompt itself, ``(B, K, L)`` token ids.
+    """
+
+    learnable = False
+    gaussian_latent = False
+    perturb_at_eval = True
+
+    def __init__(self, *, embedding: nn.Embedding, prefix_len: int, rho: float = 0.3,
+                 bandwidth: float | None = None, num_neighbours: int = 32) -> None:
+        super().__init__(prefix_len=prefix_len, embed_dim=embedding.weight.shape[1])
+        if not 0 <= rho <= 1:
+            raise ValueError(f"rho={rho} is invalid; allowed: a probability in [0, 1]")
+        if bandwidth is not None and not bandwidth > 0:
+            raise ValueError(f"bandwidth={bandwidth} is invalid; allowed: a float > 0 or None (automatic)")
+        V = embedding.weight.shape[0]
+        if not 1 <= num_neighbours <= V:
+            raise ValueError(f"num_neighbours={num_neighbours} is invalid; allowed: an integer in [1, {V}]")
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: never trained or saved
+        self.rho, self.num_neighbours = float(rho), int(num_neighbours)
+        self.latent_shape = (int(prefix_len),)
+        dev = embedding.weight.device
+        self.register_buffer("_known", torch.zeros(V, dtype=torch.bool, device=dev), persistent=False)
+        self.register_buffer("_nbr_idx", torch.zeros(V, self.num_neighbours, dtype=torch.long, device=dev),
+                             persistent=False)
+        self.register_buffer("_nbr_prob", torch.zeros(V, self.num_neighbours, device=dev), persistent=False)
+        self.bandwidth = float(bandwidth) if bandwidth is not None else self._auto_bandwidth()
+
+    @torch.no_grad()
+    def _sq_dist(self, ids: torch.Tensor) -> torch.Tensor:
+        E = self._embedding.weight.float()  # (V, d)
+        rows = E[ids]  # (U, d)
+        return ((rows * rows).sum(1, keepdim=True) - 2 * rows @ E.T + (E * E).sum(1)[None]).clamp_min(0)  # (U, V)
+
+    @torch.no_grad()
+    def _auto_bandwidth(self) -> float:
+        V = self._embedding.weight.shape[0]
+        probe = torch.linspace(0, V - 1, min(512, V), device=self._embedding.weight.device).long().unique()
+        d2 = self._sq_dist(probe)
+        d2[torch.arange(probe.numel()), probe] = math.inf
+        h = float(d2.min(1).values.median())
+        return h if h > 0 else 1.0
+
+    @torch.no_grad()
+    def _fill(self, ids: torch.Tensor) -> None:
+        todo = ids.unique()
+        todo = todo[~self._known[todo]]
+        for start in range(0, todo.numel(), 1024):
+            chunk = todo[start:start + 1024]
+            d2 = self._sq_dist(chunk)  # (U, V)
+            top = torch.topk(-d2, self.num_neighbours, dim=1)  # nearest first; v itself at distance 0
+            self._nbr_idx[chunk] = top.indices
+            self._nbr_prob[chunk] = torch.softmax(top.values / self.bandwidth, dim=1)
+            self._known[chunk] = True
+
+    def kernel_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour ids and kernel probabilities of the tokens ``ids``: two ``(*ids.shape, k)`` tensors."""
+        self._fill(ids.reshape(-1))
+        return self._nbr_idx[ids], self._nbr_prob[ids]
+
+    @torch.no_grad()
+    def sample_latent(self, x, num_draws, generator=None, dtype=torch.float32):
+        B, L = x.shape
+        K = int(num_draws)
+        idx, prob = self.kernel_rows(x)  # (B, L, k)
+        rows = prob[:, None].expand(B, K, L, -1).reshape(B * K * L, -1)  # (B*K*L, k)
+        pick = torch.multinomial(rows, 1, generator=generator).view(B, K, L, 1)
+        neighbours = idx[:, None].expand(B, K, L, -1).gather(-1, pick).squeeze(-1)  # (B, K, L)
+        replace = torch.rand((B, K, L), generator=generator, device=x.device) < self.rho
+        return torch.where(replace, neighbours, x[:, None].expand(B, K, L))  # (B, K, L) token ids
+
+    def forward(self, prefix_embeds, latent, x=None):
+        return self._embedding(latent).to(prefix_embeds.dtype)  # (B, K, L, d)
+
+    def describe(self) -> dict:
+        return {"perturbation": type(self).__name__, "rho": self.rho, "bandwidth": self.bandwidth,
+                "num_neighbours": self.num_neighbours}
+
+
+# ---- the model --------------------------------------------------------------------------------
+class PerturbedCausalLM(nn.Module):
+    """A frozen causal LM + LoRA adapters + a prompt perturbation G_phi (DESIGN §2, §8).
+
+    Parameters
+    ----------
+    base : a transformers ``AutoModelForCausalLM`` model (see :func:`simstudy.llm.load_base_model`);
+        its weights are frozen and stay bitwise unchanged.
+    perturbation : a :class:`simstudy.models.Perturbation` with ``embed_dim`` = the model's hidden size
+        and ``prefix_len`` = the prompt length L (:func:`make_llm_perturbation` builds one).
+    lora : LoRA settings (``None`` or ``r = 0``: no adapters).
+    seed : seeds the LoRA initialisation (peft draws A at random, B = 0).
+    max_rows : rows (data times draws) per forward pass when no gradient is needed (evaluation is
+        chunked to bound memory; with autograd the whole B*K batch is one pass).
+    head_chunk_elements : :meth:`token_log_lik` computes the output layer and its log-softmax in chunks
+        of at most this many logits (rows * V), each chunk recomputed in the backward pass
+        (activation checkpointing), so the (B*K*c, V) logits are never all held at once; below it,
+        one plain pass. The default 2^27 (512 MiB of float32) leaves CPU-sized batches on the plain path.
+    """
+
+    continuation = "autoregressive"
+
+    def __init__(self, *, base, perturbation: Perturbation, lora: LoRAConfig | None = None, seed: int = 0,
+                 max_rows: int = 64, head_chunk_elements: int = 2 ** 27) -> None:
+        super().__init__()
+        if not isinstance(perturbation, Perturbation):
+            raise ValueError(f"perturbation={type(perturbation).__name__} is invalid; allowed: a "
+                             "simstudy.models.Perturbation")
+        hidden = base.get_input_embeddings().weight.shape[1]
+        if perturbation.embed_dim != hidden:
+            raise ValueError(f"perturbation.embed_dim={perturbation.embed_dim} is invalid; allowed: the model's "
+                             f"hidden size {hidden}")
+        if int(max_rows) < 1:
+            raise ValueError(f"max_rows={max_rows} is invalid; allowed: an integer >= 1")
+        if int(head_chunk_elements) < 1:
+            raise ValueError(f"head_chunk_elements={head_chunk_elements} is invalid; allowed: an integer >= 1")
+        self.head_chunk_elements = int(head_chunk_elements)
+        if any(hasattr(m, "lora_A") for m in base.modules()):
+            raise ValueError("base already carries LoRA adapters (peft injects them in place, so a base backs one "
+                             "PerturbedCausalLM); allowed: a fresh base from load_base_model or copy.deepcopy(base)")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        lora = lora or LoRAConfig(r=0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.lm = add_lora(base, lora)
+        device = base.get_input_embeddings().weight.device
+        self.perturbation = perturbation.to(device)
+        self.lora = lora
+        self.max_rows = int(max_rows)
+        body = self.body
+        params = inspect.signature(body.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    # ---- parts of the underlying transformers model (properties: never registered twice) ----------
+    @property
+    def causal_lm(self):
+        """The transformers CausalLM (LoRA layers injected in place when adapters are on)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def body(self):
+        """The decoder stack: ``inputs_embeds (N, T, d) -> last_hidden_state (N, T, d)`` (final norm applied)."""
+        causal = self.causal_lm
+        return getattr(causal, causal.base_model_prefix)
+
+    @property
+    def head(self):
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.causal_lm.get_input_embeddings()
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.head.weight.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embedding.weight.shape[1])
+
+    @property
+    def prefix_len(self) -> int:
+        return self.perturbation.prefix_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32: the dtype of the perturbation, the latent draws and every log-probability."""
+        return torch.float32
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA and perturbation parameters (everything else is frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable tensors only (a few MB, where ``state_dict`` holds the whole base)."""
+        names = {id(p) for p in self.trainable_parameters()}
+        return {k: v.detach().clone() for k, v in self.named_parameters() if id(v) in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"state holds unknown parameters {unknown[:3]}; allowed: names from trainable_state_dict")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    # ---- the forward pass -----------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        if x.dim() != 2 or x.shape[1] != self.prefix_len:
+            raise ValueError(f"x of shape {tuple(x.shape)} is invalid; allowed: (B, {self.prefix_len}) token ids "
+                             "(prompts have exactly prefix_len tokens)")
+        if y is not None and (y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] < 1):
+            raise ValueError(f"y of shape {tuple(y.shape)} is invalid; allowed: (B={x.shape[0]}, c >= 1) token ids")
+
+    def sample_latent(self, x: torch.Tensor, num_draws: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prior draws of the latent, ``(B, K, *latent_shape)`` (on the generator's device, moved to x's)."""
+        if int(num_draws) < 1:
+            raise ValueError(f"num_draws={num_draws} is invalid; allowed: an integer >= 1")
+        xs = x if generator is None or generator.device == x.device else x.to(generator.device)
+        return self.perturbation.sample_latent(xs, int(num_draws), generator, dtype=self.dtype).to(x.device)
+
+    def prompt_embeds(self, x: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """Perturbed prompt embeddings E(x) + G_phi(z): ``(B, K, L, d)`` float32 (latent None: K = 1, unperturbed)."""
+        embeds = self.embedding(x).to(self.dtype)  # (B, L, d)
+        if latent is None:
+            return embeds[:, None]  # (B, 1, L, d)
+        if latent.dtype.is_floating_point:
+            latent = latent.to(self.dtype)
+        return self.perturbation(embeds, latent, x)  # (B, K, L, d)
+
+    def hidden(self, inputs_embeds: torch.Tensor, **kwargs):
+        """Run the decoder stack on ``inputs_embeds`` (cast to the base dtype); returns its output object."""
+        return self.body(inputs_embeds=inputs_embeds.to(self.base_dtype), **kwargs)
+
+    def continuation_hidden(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, int]:
+        """Hidden states at the c positions that predict y: ``((B*K, c, d), K)``, one pass of B*K rows."""
+        self._check(x, y)
+        B, L = x.shape
+        prompt = self.prompt_embeds(x, latent)  # (B, K, L, d)
+        K = prompt.shape[1]
+        inputs = prompt.reshape(B * K, L, self.embed_dim)  # (B*K, L, d)
+        if y is not None and y.shape[1] > 1:
+            c = y.shape[1]
+            previous = self.embedding(y[:, :-1]).to(self.dtype)  # (B, c-1, d): unperturbed continuation
+            previous = previous[:, None].expand(B, K, c - 1, self.embed_dim).reshape(B * K, c - 1, self.embed_dim)
+            inputs = torch.cat([inputs, previous], dim=1)  # (B*K, L+c-1, d)
+        out = self.hidden(inputs, use_cache=False)
+        return out.last_hidden_state[:, L - 1:], K  # (B*K, c, d)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits in float32 from hidden states ``(..., d) -> (..., V)``."""
+        logits = self.head(hidden).float()
+        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def _chunked(self, fn, x, y, latent, K_hint: int) -> torch.Tensor:
+        """Apply ``fn`` to the whole batch with autograd, or in row chunks without it (concatenated on dim 0)."""
+        if torch.is_grad_enabled() or x.shape[0] * K_hint <= self.max_rows:
+            return fn(x, y, latent)
+        step = max(1, self.max_rows // max(K_hint, 1))
+        parts = [fn(x[s:s + step], None if y is None else y[s:s + step], None if latent is None else latent[s:s + step])
+                 for s in range(0, x.shape[0], step)]
+        return torch.cat(parts, dim=0)
+
+    def log_probs(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None) -> torch.Tensor:
+        """Log next-token distributions of every continuation token and draw: ``(B, K, c, V)`` float32.
+
+        x : (B, L) prompts; y : (B, c) continuations (None: c = 1, the token after the prompt);
+        latent : (B, K, ...) draws (None: the unperturbed prompt, K = 1).
+        """
+        def fn(xb, yb, lb):
+            h, K = self.continuation_hidden(xb, yb, lb)  # (b*K, c, d)
+            return torch.log_softmax(self.logits(h), dim=-1).view(xb.shape[0], K, h.shape[1], -1)
+        return self._chunked(fn, x, y, latent, 1 if latent is None else latent.shape[1])
+
+    def token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """log p(y_j | x, y_<j, z_k): ``(B, K, c)``, without materialising the (B, K, c, V) log-probabilities."""
+        def fn(xb, yb, lb):
+            h, K = self.continuation_hidden(xb, yb, lb)  # (b*K, c, d)
+            b, c = yb.shape
+            target = yb[:, None].expand(b, K, c).reshape(-1)  # (b*K*c,)
+            nll = self._token_nll(h.reshape(b * K * c, -1), target)  # (b*K*c,)
+            return -nll.view(b, K, c)
+        if y is None:
+            raise ValueError("y=None is invalid for token_log_lik; allowed: a (B, c) tensor of continuation ids")
+        return self._chunked(fn, x, y, latent, 1 if latent is None else latent.shape[1])
+
+    def _nll_chunk(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(hidden), target, reduction="none")
+
+    def _token_nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target) from hidden states ``(N, d)``: ``(N,)``, the head in checkpointed chunks when large."""
+        n = hidden.shape[0]
+        rows = max(1, self.head_chunk_elements // self.vocab_size)
+        if n <= rows:
+            return self._nll_chunk(hidden, target)
+        from torch.utils.checkpoint import checkpoint
+        grad = torch.is_grad_enabled() and hidden.requires_grad
+        parts = [checkpoint(self._nll_chunk, hidden[s:s + rows], target[s:s + rows], use_reentrant=False) if grad
+                 else self._nll_chunk(hidden[s:s + rows], target[s:s + rows]) for s in range(0, n, rows)]
+        return torch.cat(parts)
+
+    def log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """log p(y | x, z_k) of the whole continuation: ``(B, K)``."""
+        return self.token_log_lik(x, y, latent).sum(-1)
+
+    # ---- marginals --------------------------------------------------------------------------------------
+    def can_integrate(self) -> bool:
+        """True when m(y | x) can be computed by quadrature (a Gaussian latent of dimension <= 3, or none)."""
+        p = self.perturbation
+        if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
+            return True
+        return p.gaussian_latent and p.latent_dim <= 3
+
+    def quadrature_log_lik(self, x: torch.Tensor, y: torch.Tensor, rule: quadrature.Rule) -> torch.Tensor:
+        """log m(y | x) = log E_z p(y | x, z) by a quadrature rule over z: ``(B,)`` (autograd flows)."""
+        p = self.perturbation
+        if not (p.gaussian_latent and p.latent_dim == rule.dim):
+            raise ValueError(f"rule of dimension {rule.dim} does not fit latent_dim={p.latent_dim} "
+                             f"({type(p).__name__}); allowed: a Gaussian latent of the rule's dimension")
+        nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
+        log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
+        latent = nodes[None].expand(x.shape[0], -1, -1)  # (B, M, q)
+        return torch.logsumexp(self.log_lik(x, y, latent) + log_w, dim=1)  # (B,)
+
+    @torch.no_grad()
+    def base_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled last hidden layer of the BASE model (adapters off, no perturbation) over the
+        continuation tokens, read with the prompt as context: ``(B, d)`` float32 (MAUVE features, DESIGN §8)."""
+        self._check(x, y)
+        step = max(1, self.max_rows)
+        feats = []
+        for s in range(0, x.shape[0], step):
+            tokens = torch.cat([x[s:s + step], y[s:s + step]], dim=1)  # (b, L+c)
+            with self.adapters_disabled():
+                h = self.hidden(self.embedding(tokens), use_cache=False).last_hidden_state  # (b, L+c, d)
+            feats.append(h[:, self.prefix_len:].float().mean(1))
+        return torch.cat(feats, dim=0)
+
+    def adapters_disabled(self):
+        """Context manager under which the LoRA adapters are off (the base model alone)."""
+        if hasattr(self.lm, "disable_adapter"):
+            return self.lm.disable_adapter()
+        import contextlib
+        return contextlib.nullcontext()
+
+    def describe(self) -> dict:
+        n_lora = sum(p.numel() for n, p in self.lm.named_parameters() if p.requires_grad)
+        n_pert = sum(p.numel() for p in self.perturbation.parameters() if p.requires_grad)
+        return {"model": getattr(self.causal_lm.config, "_name_or_path", "") or self.causal_lm.config.model_type,
+                "model_type": self.causal_lm.config.model_type, "perturbation": type(self.perturbation).__name__,
+                "prefix_len": self.prefix_len, "latent_dim": self.perturbation.latent_dim, "lora_r": self.lora.r,
+                "lora_parameters": n_lora, "perturbation_parameters": n_pert, "base_dtype": str(self.base_dtype)}
+
+
+# ---- builders -----------------------------------------------------------------------------------------
+def embedding_scale(base) -> float:
+    """The standard deviation of the input embedding entries (the natural unit for perturbation sizes)."""
+    return float(base.get_input_embeddings().weight.detach().float().std())
+
+
+def make_llm_perturbation(kind: str, base, *, prompt_len: int, latent_dim: int = 4, seed: int = 0,
+                          **options) -> Perturbation:
+    """A perturbation map for ``base`` (embed_dim = hidden size, prefix_len = ``prompt_len``).
+
+    Defaults are set relative to s, the standard deviation of the embedding entries
+    (:func:`embedding_scale`; 0.136 for SmolLM2-135M): ``linear`` and ``mlp`` start with a
+    per-entry shift of standard deviation about 0.1 s (init_scale = 0.1 s / sqrt(q); never
+    zero, a stationary point, DESIGN §2); ``gaussian`` uses sigma = 0.1 s; ``neftune`` keeps
+    alpha = 5 (Jain et al. 2023); ``discrete`` is :class:`NeighbourSubstitution`. ``options``
+    override any of these.
+    """
+    if kind not in LLM_PERTURBATIONS:
+        raise ValueError(f"perturbation={kind!r} is unknown; allowed: {', '.join(LLM_PERTURBATIONS)}")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
+        raise ValueError(f"prompt_len={prompt_len!r} is invalid; allowed: an integer >= 1")
+    embedding = base.get_input_embeddings()
+    d = int(embedding.weight.shape[1])
+    s = embedding_scale(base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "discrete":
+            pert = NeighbourSubstitution(embedding=embedding, prefix_len=prompt_len, **options)
+        else:
+            if kind in ("linear", "mlp", "mlp-conditional"):
+                options.setdefault("init_scale", 0.1 * s / math.sqrt(latent_dim))
+            elif kind == "gaussian":
+                options.setdefault("sigma", 0.1 * s)
+            pert = make_perturbation(kind, prefix_len=prompt_len, embed_dim=d, latent_dim=latent_dim, **options)
+    return pert.to(embedding.weight.device)
+
+
+def build_perturbed_lm(base, *, perturbation: str = "linear", prompt_len: int = 32, latent_dim: int = 4,
+                       lora: LoRAConfig | None = None, seed: int = 0, max_rows: int = 64,
+                       head_chunk_elements: int = 2 ** 27,
+                       perturbation_options: dict | None = None) -> PerturbedCausalLM:
+    """``PerturbedCausalLM`` with a named perturbation (see :func:`make_llm_perturbation`) and LoRA adapters
+    (``lora=None``: the default :class:`LoRAConfig`, rank 8). ``perturbation="none"`` is LoRA-only (mle)."""
+    pert = make_llm_perturbation(perturbation, base, prompt_len=prompt_len, latent_dim=latent_dim, seed=seed,
+                                 **(perturbation_options or {}))
+    return PerturbedCausalLM(base=base, perturbation=pert, lora=LoRAConfig() if lora is None else lora, seed=seed,
+                             max_rows=max_rows, head_chunk_elements=head_chunk_elements)
+
+
+def encode_prompts(texts: list[str], tokenizer, prompt_len: int) -> torch.Tensor:
+    """Token ids ``(N, prompt_len)`` of free-text prompts: the last ``prompt_len`` tokens of each, left-padded
+    with the end-of-text token when shorter (see the module docstring)."""
+    if prompt_len < 1:
+        raise ValueError(f"prompt_len={prompt_len} is invalid; allowed: an integer >= 1")
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither an eos nor a pad token; allowed: a tokenizer with one of them")
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    rows = [([pad] * max(0, prompt_len - len(t)) + list(t))[-prompt_len:] for t in ids]
+    return torch.tensor(rows, dtype=torch.long)
