@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import SCOPES, Equation, check_choice, check_int, check_positive, log_weights, prior_draws
+from .. import draws
 
 
 @dataclass
@@ -158,7 +159,7 @@ class SUMO(Equation):
 
     def sample_num_terms(self, n: int, generator=None, device=None) -> torch.Tensor:
         """K for n data: ``(n,)`` long, K >= K_min, capped by ``max_terms``."""
-        u = torch.rand(n, generator=generator, dtype=torch.float64, device=device).clamp_min(1e-300)
+        u = draws.rand(n, generator=generator, dtype=torch.float64, device=device).clamp_min(1e-300)
         k = torch.floor(self.min_draws * u ** (-1.0 / float(self.alpha)))
         cap = float(self.min_draws + self.max_terms - 1) if self.max_terms is not None else 2.0 ** 52
         return k.clamp(self.min_draws, cap).to(torch.long)

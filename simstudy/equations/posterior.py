@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import Equation, check_choice, check_int, check_positive
+from .. import draws
 
 
 _PACE = 4.0  # r remaining draws get r / (r + _PACE) * r / m_hat proposals per round
@@ -158,7 +159,7 @@ class PosteriorExact(Equation):
                               for s in range(0, rows.shape[0], self.max_rows)])  # (N,)
             if kept is None:
                 kept = z.new_zeros((B, K, *z.shape[2:]))  # (B, K, *latent_shape)
-            log_u = torch.rand(rows.shape[0], generator=generator, dtype=logp.dtype, device=device).log()
+            log_u = draws.rand(rows.shape[0], generator=generator, dtype=logp.dtype, device=device).log()
             acc = log_u < logp  # (N,)
             # Rao-Blackwellised running estimate of m, in log space
             shift = torch.full((B,), -math.inf, dtype=logp.dtype, device=device).scatter_reduce(
@@ -294,11 +295,11 @@ class PosteriorMH(Equation):
                 prop = model.sample_latent(x, K, generator)
                 log_prior_ratio = 0.0
             else:
-                eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+                eps = draws.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
                 prop = z + self.step_size * eps
                 log_prior_ratio = 0.5 * ((z ** 2).sum(event) - (prop ** 2).sum(event))  # (B, K)
             logp_prop = model.log_lik(x, y, prop)  # (B, K)
-            log_u = torch.rand(logp.shape, generator=generator, dtype=logp.dtype, device=x.device).log()
+            log_u = draws.rand(logp.shape, generator=generator, dtype=logp.dtype, device=x.device).log()
             acc = log_u < logp_prop - logp + log_prior_ratio  # (B, K)
             z = torch.where(acc.view(*acc.shape, *([1] * len(event))), prop, z)
             logp = torch.where(acc, logp_prop, logp)

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .. import quadrature
 from ..models.perturbations import NoPerturbation, Perturbation, make_perturbation
 from .model import LoRAConfig, add_lora
+from .. import draws
 
 LLM_PERTURBATIONS = ("linear", "mlp", "mlp-conditional", "gaussian", "neftune", "discrete", "none")
 
@@ -117,9 +118,9 @@ class NeighbourSubstitution(Perturbation):
         K = int(num_draws)
         idx, prob = self.kernel_rows(x)  # (B, L, k)
         rows = prob[:, None].expand(B, K, L, -1).reshape(B * K * L, -1)  # (B*K*L, k)
-        pick = torch.multinomial(rows, 1, generator=generator).view(B, K, L, 1)
+        pick = draws.multinomial(rows, 1, generator=generator).view(B, K, L, 1)
         neighbours = idx[:, None].expand(B, K, L, -1).gather(-1, pick).squeeze(-1)  # (B, K, L)
-        replace = torch.rand((B, K, L), generator=generator, device=x.device) < self.rho
+        replace = draws.rand((B, K, L), generator=generator, device=x.device) < self.rho
         return torch.where(replace, neighbours, x[:, None].expand(B, K, L))  # (B, K, L) token ids
 
     def forward(self, prefix_embeds, latent, x=None):

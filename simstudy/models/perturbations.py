@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from .. import draws
 
 PERTURBATIONS = ("linear", "mlp", "mlp-conditional", "gaussian", "neftune", "discrete", "none")
 
@@ -48,7 +49,7 @@ class Perturbation(nn.Module):
                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Prior draws ``(B, K, *latent_shape)`` for the prefixes ``x`` ``(B, L)``."""
         shape = (x.shape[0], int(num_draws), *self.latent_shape)
-        return torch.randn(shape, generator=generator, dtype=dtype, device=x.device)
+        return draws.randn(shape, generator=generator, dtype=dtype, device=x.device)
 
     def forward(self, prefix_embeds: torch.Tensor, latent: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -145,7 +146,7 @@ class NEFTunePerturbation(Perturbation):
 
     def sample_latent(self, x, num_draws, generator=None, dtype=torch.float64):
         shape = (x.shape[0], int(num_draws), *self.latent_shape)
-        return 2 * torch.rand(shape, generator=generator, dtype=dtype, device=x.device) - 1
+        return 2 * draws.rand(shape, generator=generator, dtype=dtype, device=x.device) - 1
 
     def forward(self, prefix_embeds, latent, x=None):
         B, K = latent.shape[:2]
@@ -179,8 +180,8 @@ class DiscreteSubstitution(Perturbation):
         B, L = x.shape
         K = int(num_draws)
         rows = self.kernel[x].unsqueeze(1).expand(B, K, L, -1).reshape(B * K * L, -1)  # (B*K*L, V)
-        neighbours = torch.multinomial(rows, 1, generator=generator).view(B, K, L)
-        replace = torch.rand((B, K, L), generator=generator, device=x.device) < self.rho
+        neighbours = draws.multinomial(rows, 1, generator=generator).view(B, K, L)
+        replace = draws.rand((B, K, L), generator=generator, device=x.device) < self.rho
         return torch.where(replace, neighbours, x[:, None].expand(B, K, L))  # (B, K, L) token ids
 
     def forward(self, prefix_embeds, latent, x=None):

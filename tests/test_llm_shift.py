@@ -1,0 +1,218 @@
+"""The llm-shift study kind (issue 5, DESIGN §8): a tiny GPT-2 through the study engine, offline.
+
+The tiny model is ``model = "tiny-gpt2"`` (a random GPT-2 and a BPE tokenizer trained on standard-library
+text); the in-domain corpus is the Python standard library (always present) and the "German" out-of-domain
+corpus is a fortunes folder written to tmp_path (the loader's ``roots``).
+"""
+from __future__ import annotations
+
+import math
+import random
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("rouge_score")
+pytest.importorskip("mauve")
+
+import simstudy.studies.llm_shift as llm_shift  # noqa: E402  (registers the kind)
+from simstudy.cli import main  # noqa: E402
+from simstudy.engine import StudyResult  # noqa: E402
+from simstudy.studies import spec  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+STUDY = """
+[study]
+kind = "llm-shift"
+replicates = 1
+seed = 11
+
+[model]
+name = "tiny-gpt2"
+lora = {{ r = 4, alpha = 8.0 }}
+
+[data]
+train = "python-stdlib"
+ood = {{ de = "fortunes-de" }}
+roots = {{ fortunes-de = "{fortunes}" }}
+prompt_len = 8
+continuation_len = 6
+n_train = 16
+n_eval = 8
+n_generate = 4
+
+[evaluation]
+iwae_draws = 3
+batch_size = 4
+mauve_buckets = 2
+
+[defaults]
+latent_dim = 2
+sgd = {{ steps = 3, batch_size = 4, lr = 0.01, validation_fraction = 0.0 }}
+
+[methods.mle]
+[methods.q2]
+"""
+
+
+@pytest.fixture(scope="module")
+def fortunes(tmp_path_factory):
+    """A German fortunes folder: 60 fortunes of two generated sentences each."""
+    rng = random.Random(0)
+    words = (["Der Hund", "Die Katze", "Ein Mann", "Eine Frau", "Das Kind", "Die Ärztin", "Ein Bäcker"],
+             ["isst", "sieht", "kauft", "findet", "liebt", "vergisst", "schreibt"],
+             ["einen Apfel", "das Buch", "die Straße", "ein großes Haus", "den Brief", "die Blumen"],
+             ["am Morgen.", "im Garten.", "mit großer Freude.", "trotz des Regens.", "über die Brücke."])
+    folder = tmp_path_factory.mktemp("fortunes")
+    chunks = [" ".join(rng.choice(w) for w in words * 2) for _ in range(60)]
+    (folder / "sprueche").write_text("\n%\n".join(chunks) + "\n%\n", encoding="utf-8")
+    return folder
+
+
+def _text(fortunes, **replace):
+    text = textwrap.dedent(STUDY.format(fortunes=fortunes))
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return text
+
+
+def _build(text):
+    return spec.build_study(spec.parse_study_text(text))
+
+
+@pytest.fixture(scope="module")
+def result(fortunes):
+    """One replicate of mle and q2 through the engine (in process)."""
+    study = _build(_text(fortunes))
+    return study, study.run(n_jobs=1, progress=False)
+
+
+def test_one_replicate_of_two_methods_gives_every_metric(result):
+    study, res = result
+    table = res.table
+    assert list(table["method"]) == ["mle", "q2"] and list(table["status"]) == ["ok", "ok"], table["message"].tolist()
+    for split in ("id", "de"):
+        for metric in ("ppl", "nll", "rouge1", "mauve"):
+            assert np.isfinite(table[f"{metric}_{split}"]).all(), (metric, split)
+        # perplexity is exp of the NLL per token; a random tiny model is near-uniform over its ~512 tokens
+        assert np.allclose(table[f"ppl_{split}"], np.exp(table[f"nll_{split}"]))
+        assert (table[f"ppl_{split}"] > 100).all() and (table[f"ppl_{split}"] < 2000).all()
+        assert ((table[f"rouge1_{split}"] >= 0) & (table[f"rouge1_{split}"] <= 1)).all()
+        assert ((table[f"mauve_{split}"] > 0) & (table[f"mauve_{split}"] <= 1)).all()
+    assert np.allclose(table["ppl_ood"], table["ppl_de"]) and np.allclose(table["mauve_ood"], table["mauve_de"])
+    mle, q2 = table.iloc[0], table.iloc[1]
+    # mle has no latent at evaluation: exact perplexity (K = 1); q2's is the per-token IWAE bound with K = 3
+    assert mle["iwae_draws"] == 1 and mle["iwae_token_scope"] == 0
+    assert q2["iwae_draws"] == 3 and q2["iwae_token_scope"] == 1
+    assert (table["fit_steps"] == 3).all()
+    assert q2["n_trainable"] > mle["n_trainable"]  # LoRA + the perturbation's A (L d q = 8 * 32 * 2)
+    assert q2["n_trainable"] - mle["n_trainable"] == 8 * 32 * 2
+    assert math.isnan(mle["perturbation_rms"]) and q2["perturbation_rms"] > 0
+    assert set(res.options["headline"]) >= {"ppl_id", "ppl_de", "ppl_ood", "rouge1_id", "mauve_ood"}
+
+
+def test_a_replicate_reruns_identically_and_methods_differ(result):
+    study, res = result
+    again = study.run_replicate(0, 0)
+    cols = [c for c in res.table.columns if c not in ("message",)]
+    assert res.table[cols].reset_index(drop=True).equals(again[cols].reset_index(drop=True))
+    assert res.table.loc[0, "nll_id"] != res.table.loc[1, "nll_id"]
+
+
+def test_the_figure_hook_draws_perplexity_rouge_mauve_and_the_paired_difference(result, tmp_path):
+    _, res = result
+    out = llm_shift.shift_figures(res, tmp_path)
+    names = sorted(p.name for _, p in out)
+    assert names == ["llm_shift_mauve.png", "llm_shift_nll_vs_mle.png", "llm_shift_perplexity.png",
+                     "llm_shift_rouge1.png"]
+    assert all(p.stat().st_size > 5000 for _, p in out)
+    assert "simstudy.studies.llm_shift:shift_figures" in res.options["figures"]
+
+
+def test_the_study_runs_from_the_command_line_and_resumes(fortunes, tmp_path, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(_text(fortunes, **{"[methods.q2]\n": ""}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ppl_ood" in printed and (out / "figures" / "llm_shift_perplexity.png").is_file()
+    first = StudyResult.load(out).table
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0  # resume: nothing left to run
+    assert StudyResult.load(out).table.drop(columns=["message"]).equals(first.drop(columns=["message"]))
+
+
+def test_a_missing_corpus_stops_the_study_before_any_work(fortunes, tmp_path, capsys):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    text = _text(fortunes).replace(str(fortunes), str(empty))
+    with pytest.raises(spec.SpecError) as err:
+        _build(text)
+    message = str(err.value)
+    assert "\n" not in message and "fortunes-de" in message and "sudo apt-get install fortunes-de" in message
+    path = tmp_path / "missing.toml"
+    path.write_text(text)
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert len(err_line.splitlines()) == 1 and "apt-get install fortunes-de" in err_line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (("[model]", "[model]\nsize = 3"), "model.size"),
+    (("name = \"tiny-gpt2\"", "name = \"tiny-gpt2\"\ndevice = \"tpu\""), "device='tpu'"),
+    (("n_generate = 4", "n_generate = 40"), "n_generate=40"),
+    (("ood = { de = \"fortunes-de\" }", "ood = { id = \"fortunes-de\" }"), "'id'"),
+    (("ood = { de = \"fortunes-de\" }", "ood = { de = \"klingon\" }"), "klingon"),
+    (("[methods.q2]", "[methods.q2]\nequation_options = { scope = \"datum\" }"), "q2"),
+    (("[methods.q2]", "[methods.q2]\nequation_options = { num_draws = 1 }"), "num_draws"),
+    (("[methods.q2]", "[methods.nope]"), "nope"),
+    (("[methods.q2]", "[methods.ps-mh]\nequation_options = { scope = \"token\" }"), "scope"),
+    (("[methods.q2]", "[methods.gaussian]\nperturbation = \"linear\""), "gaussian"),
+    (("[methods.q2]", "[design]\nlr = [1]\n[methods.q2]"), "design.lr"),
+    (("iwae_draws = 3", "iwae_draws = 0"), "iwae_draws=0"),
+    (("n_eval = 8", "n_eval = 500"), "n_eval=500"),
+    (("prompt_len = 8", "prompt_len = 8\nood_splits = [\"dev\"]"), "ood_splits"),
+])
+def test_malformed_files_give_one_line(fortunes, change, needle):
+    with pytest.raises(spec.SpecError) as err:
+        _build(_text(fortunes).replace(*change))
+    assert "\n" not in str(err.value) and needle in str(err.value)
+
+
+def test_methods_default_to_their_latent_scope_and_the_preset_files_parse():
+    q2 = llm_shift._method("q2", {}, {"latent_dim": 2})
+    psmh = llm_shift._method("ps-mh", {"equation_options": {"steps": 2}}, {})
+    is8 = llm_shift._method("is-8", {}, {})
+    gauss = llm_shift._method("gaussian", {}, {"perturbation_options": {"init_scale": 0.1}})
+    assert (q2.scope, q2.perturbation, q2.latent_dim) == ("token", "linear", 2)
+    assert (psmh.scope, psmh.equation_options["steps"]) == ("datum", 2)
+    assert (is8.equation, is8.equation_options["num_draws"], is8.scope) == ("is-K", 8, "token")
+    assert (gauss.equation, gauss.perturbation, gauss.perturbation_options) == ("aug", "gaussian", {})
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for name in ("llm_shift.toml", "llm_shift_gpu.toml"):
+        sf = spec.parse_study_text((root / name).read_text(), root / name)
+        assert sf.kind == "llm-shift"
+        methods = {n: llm_shift._method(n, t, sf.tables.get("defaults", {})) for n, t in sf.tables["methods"].items()}
+        assert {m.equation for m in methods.values()} >= {"mle", "aug", "q2", "is-K", "ps-mh"}
+        assert {m.perturbation for m in methods.values()} >= {"none", "neftune", "gaussian", "discrete", "linear"}
+
+
+def test_out_of_domain_pairs_can_continue_into_other_splits(fortunes):
+    data = llm_shift.DataConfig(train="python-stdlib", ood={"de": "fortunes-de"},
+                                roots={"fortunes-de": str(fortunes)}, prompt_len=8, continuation_len=6, n_train=4,
+                                n_eval=4, n_generate=0)
+    model = llm_shift.ModelConfig(name="tiny-gpt2")
+    with pytest.raises(ValueError, match=r"n_eval=400 is invalid: corpus 'fortunes-de' \(test\) holds only") as err:
+        llm_shift.token_pairs(data, model, "fortunes-de", ("test",), 400, what="n_eval")
+    have = int(err.value.args[0].split("holds only ")[1].split()[0])
+    assert have >= 2
+    x_test, y_test = llm_shift.token_pairs(data, model, "fortunes-de", ("test",), have)
+    x_all, y_all = llm_shift.token_pairs(data, model, "fortunes-de", ("test", "validation", "train"), have + 20)
+    assert x_all.shape == (have + 20, 8) and y_all.shape == (have + 20, 6)
+    assert (x_all[:have] == x_test).all() and (y_all[:have] == y_test).all()  # the test split first, then the rest
