@@ -6,7 +6,7 @@ import importlib
 
 from .base import CHECKS, Check, CheckContext, CheckResult, register, run_check
 
-_MODULES = ("unbiasedness",)
+_MODULES = ("unbiasedness", "asymptotics", "overparameterised", "extrapolation")
 for _name in _MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 

@@ -188,4 +188,14 @@ spec.register_study("quick", QUICK_STUDY, description="default study: an 11-toke
 spec.register_listing("DGMs", _list_dgms)
 spec.register_listing("methods", _list_methods)
 spec.register_listing("equations", _list_equations)
+
+
+def _list_checks() -> dict[str, str]:
+    import importlib
+
+    checks = importlib.import_module("simstudy.checks").CHECKS
+    return {name: check.claim for name, check in checks.items()}
+
+
+spec.register_listing("paper checks (simstudy check NAME)", _list_checks)
 spec.DEFAULT_STUDY = "quick"
