@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a check parameter (vocab_size, latent_dim, teacher, seed, replicates, ...)")
     c.add_argument("--n-jobs", type=_positive_or_all, default=1, help="worker processes")
     c.add_argument("--page", default=None, help="also write the results page (e.g. paper_checks/RESULTS.md)")
+    c.add_argument("--page-only", action="store_true",
+                   help="write the results page from the NAME.json files already in --out, running nothing")
     return p
 
 
@@ -214,6 +216,14 @@ def _cmd_check(args) -> int:
     from .checks.runner import main_check
 
     command = "simstudy check " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["check"] else None
+    if args.page_only:
+        from .checks.runner import write_results_page
+
+        if args.page is None:
+            return _fail("--page-only needs --page PATH; allowed: e.g. --page paper_checks/RESULTS.md")
+        write_results_page(Path(args.out), Path(args.page), command=command)
+        print(f"wrote {args.page}")
+        return 0
     try:
         return main_check(args.name, scale=args.scale, out=args.out, sets=args.set, n_jobs=args.n_jobs,
                           page=args.page, command=command)
