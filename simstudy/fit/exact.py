@@ -51,8 +51,8 @@ def _token_log_lik_on_nodes(model, xu: torch.Tensor, yu: torch.Tensor, rule: qua
     if model.continuation == "iid" or yu.shape[1] == 1:
         prefixes, inv = torch.unique(xu, dim=0, return_inverse=True)
         logp = model.log_probs(prefixes, None, nodes[None].expand(prefixes.shape[0], -1, -1))[:, :, 0]  # (U, M, V)
-        logp = logp[inv]  # (D, M, V)
-        return logp.gather(-1, yu[:, None, :].expand(-1, logp.shape[1], -1))  # (D, M, c)
+        # gather (prefix, token) pairs without a (D, M, V) copy
+        return logp.permute(0, 2, 1)[inv[:, None], yu].permute(0, 2, 1)  # (D, M, c)
     return model.token_log_lik(xu, yu, nodes[None].expand(xu.shape[0], -1, -1))  # (D, M, c)
 
 
