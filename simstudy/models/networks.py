@@ -285,6 +285,6 @@ def make_network(kind: str, *, vocab_size: int, prefix_len: int, embed_dim: int,
     if kind == "mlp":
         return MLPNetwork(vocab_size=vocab_size, prefix_len=prefix_len, embed_dim=embed_dim, hidden=hidden)
     if kind == "transformer":
-        config = TransformerConfig(**transformer) if isinstance(transformer, dict) else transformer
+        config = transformer  # TransformerNetwork validates a dict itself (one-line ValueError for unknown keys)
         return TransformerNetwork(vocab_size=vocab_size, prefix_len=prefix_len, embed_dim=embed_dim, config=config)
     raise ValueError(f"network={kind!r} is unknown; allowed: {', '.join(NETWORKS)}")
