@@ -39,7 +39,7 @@ from ..engine.plots import rate_plot
 from ..equations import make_equation
 from ..fit import SGDConfig, fit_sgd
 from ..models import TransformerConfig
-from .asymptotics import _CTOR_DEFAULTS, DGM_KEYS, _list, mean_table
+from .asymptotics import _CTOR_DEFAULTS, DGM_KEYS, _list, make_dgm, mean_table
 from .base import CheckContext, CheckResult, register
 
 OVERPARAMETERISED_CLAIM = ("A transformer student with far more parameters than data, fitted by SGD on a consistent "
@@ -104,16 +104,9 @@ def overparameterised_settings(context: CheckContext) -> OverparameterisedSettin
     return settings
 
 
-_DGMS: dict = {}
-
-
 def _dgm(settings: OverparameterisedSettings) -> PerturbedNextToken:
-    key = (settings.design, settings.dgm)
-    if key not in _DGMS:
-        if len(_DGMS) > 4:
-            _DGMS.clear()
-        _DGMS[key] = PerturbedNextToken(**settings.dgm_options(), name=settings.design)
-    return _DGMS[key]
+    """The design's DGM, from the asymptotic checks' per-process cache (same settings shape)."""
+    return make_dgm(settings)
 
 
 def _generate(cond: dict, rng: np.random.Generator, *, settings: OverparameterisedSettings) -> dict:
