@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="a check name, a comma list, or 'all' (see 'simstudy list')")
     c.add_argument("--scale", choices=["smoke", "full"], default="smoke", help="smoke (CI, minutes) or full")
     c.add_argument("--out", default="results/checks", help="folder for NAME.json, tables and figures")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a check parameter (vocab_size, latent_dim, teacher, seed, replicates, ...)")
+    c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override check parameters (vocab_size, latent_dim, teacher, seed, replicates, ...); "
+                        "several after one --set or one per --set")
     c.add_argument("--n-jobs", type=_positive_or_all, default=1, help="worker processes")
     c.add_argument("--page", default=None, help="also write the results page (e.g. paper_checks/RESULTS.md)")
     c.add_argument("--page-only", action="store_true",

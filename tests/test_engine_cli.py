@@ -257,3 +257,10 @@ def test_engine_cli_and_spec_import_nothing_of_the_perturbation_domain():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "clean" in done.stdout, done.stderr
+
+
+def test_check_set_takes_several_values_after_one_flag_or_one_per_flag():
+    from simstudy.cli import build_parser
+
+    args = build_parser().parse_args(["check", "rates", "--set", "replicates=4", "seed=2", "--set", "n=10,20"])
+    assert args.set == ["replicates=4", "seed=2", "n=10,20"]

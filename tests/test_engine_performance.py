@@ -127,3 +127,24 @@ def test_summarise_uses_ok_rows_counts_failures_and_pairs_reference():
     with pytest.raises(ValueError, match="reference='C' is invalid"):
         perf.summarise(_table(rows), factors=["n"], methods=["A", "B"], truths=[{"estimate": THETA}],
                        reference="C")
+
+
+def test_rate_plot_draws_lines_only_over_the_fitted_levels():
+    """A level whose mean is infinite (one runaway fit) is left out of the fit, and the fitted line
+    and error bars span only the levels used; the dropped level is marked and named in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from simstudy.engine.plots import rate_plot
+    from simstudy.engine.rates import fit_rate
+
+    rng = np.random.default_rng(0)
+    rows = [{"n": n, "method": "a", "kl": (math.inf if (n == 800 and r == 3) else rng.exponential() / n)}
+            for n in (100, 200, 400, 800) for r in range(20)]
+    rate = fit_rate(pd.DataFrame(rows), "kl", "n", by=["method"], theory_slope=-1.0)
+    assert int(rate.fits["k"].iloc[0]) == 3
+    fig = rate_plot(rate)
+    ax = fig.axes[0]
+    fitted = [line for line in ax.get_lines() if line.get_linestyle() == "-" and len(line.get_xdata()) > 2]
+    assert fitted and max(float(np.max(line.get_xdata())) for line in fitted) == pytest.approx(400.0)
+    assert any("not fitted" in t.get_text() for t in ax.get_legend().get_texts())

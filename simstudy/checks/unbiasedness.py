@@ -805,9 +805,14 @@ def _calibration_summary(rates: pd.DataFrame, alpha: float, problems: list[str])
         return "no audit finished; " + "; ".join(problems[:3])
     parts = []
     for r in rates[rates["level"] == alpha].itertuples():
-        what = "false alarms" if r.role == "false-alarm" else "power"
-        extra = f", binomial p {r.binomial_p:.3g}" if r.role == "false-alarm" else ""
-        parts.append(f"{r.equation}@{r.point} {what} {r.k}/{r.n} = {r.rate:.3g}+-{r.mcse:.2g}{extra}")
+        # At k = 0 or k = n the plug-in MCSE sqrt(p (1 - p) / n) is 0 and says nothing: quote the exact
+        # (Clopper-Pearson) interval always, and for false alarms the MCSE a rate of alpha would have.
+        interval = f" (95% CI {r.ci_low:.2g} to {r.ci_high:.2g})"
+        if r.role == "false-alarm":
+            parts.append(f"{r.equation}@{r.point} false alarms {r.k}/{r.n} = {r.rate:.3g}{interval}, "
+                         f"MCSE {r.mcse:.2g} (under alpha {r.mcse_under_null:.2g}), binomial p {r.binomial_p:.3g}")
+        else:
+            parts.append(f"{r.equation}@{r.point} power {r.k}/{r.n} = {r.rate:.3g}{interval}, MCSE {r.mcse:.2g}")
     ks = rates["ks_p"].dropna() if "ks_p" in rates else pd.Series(dtype=float)
     if len(ks):
         parts.append(f"KS p {ks.min():.3g}")

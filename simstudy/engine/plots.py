@@ -68,8 +68,16 @@ def rate_plot(rate: RateResult, ax=None, *, z: float = 1.96, title: str | None =
         p = pts[mask]
         label = ", ".join(str(fit[b]) if b == "method" else f"{b}={fit[b]}" for b in rate.by) or rate.metric
         xv, mv, sv = p[rate.x].to_numpy(float), p["mean"].to_numpy(float), p["mcse"].to_numpy(float)
-        lower = np.clip(z * sv, 0, mv * (1 - 1e-9))  # keep bars on the log axis
-        ax.errorbar(xv, mv, yerr=[lower, z * sv], fmt="o", color=color, capsize=3, ms=4)
+        # the levels the fit used (rates.fit_rate: positive finite mean and MCSE); the others (a mean made
+        # infinite by one fit, say) are marked with an x at the bottom edge, and no line crosses them
+        usable = (mv > 0) & np.isfinite(mv) & (sv > 0) & np.isfinite(sv)
+        lower = np.clip(z * sv[usable], 0, mv[usable] * (1 - 1e-9))  # keep bars on the log axis
+        ax.errorbar(xv[usable], mv[usable], yerr=[lower, z * sv[usable]], fmt="o", color=color, capsize=3, ms=4)
+        for x_out in xv[~usable]:
+            ax.plot([x_out], [0.02], "x", color=color, ms=7, transform=ax.get_xaxis_transform(), clip_on=False)
+        if (~usable).any():
+            label += f" (x: {int((~usable).sum())} level(s) not fitted, mean infinite or undefined)"
+        xv = xv[usable]
         grid = np.geomspace(xv.min(), xv.max(), 50) if len(xv) else xv
         if np.isfinite(fit["slope"]):
             ax.plot(grid, fit["constant"] * grid ** fit["slope"], "-", color=color,

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,4 +231,6 @@ def add_lora(model, config: LoRAConfig):
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                              target_modules=list(targets), bias="none",
                              fan_in_fan_out=model_type in FAN_IN_FAN_OUT)
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: once per model
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
