@@ -159,3 +159,25 @@ def test_smoke_rerun_resumes_from_the_store(smoke):
     again = run_check("extrapolation", CheckContext(scale="smoke", out=out, n_jobs=1))
     assert again.seconds < max(0.5 * res.seconds, 10.0)
     pd.testing.assert_frame_equal(again.tables["paired"], res.tables["paired"])
+
+
+def test_report_from_stores_matches_the_run_and_refuses_duplicates(smoke, tmp_path):
+    """The results of the runs' stores, read back and reported together, give the run's own paired
+    table; a method taken twice for the same replicate is refused with a one-line error."""
+    from simstudy.checks.extrapolation import report_from_stores
+
+    out, res = smoke
+    stores = sorted((out / "extrapolation").glob("store-*"))
+    assert len(stores) == 2  # the main and the small (ps-exact sgd) study
+    combined = report_from_stores(stores, out=tmp_path)
+    assert combined.decision == res.decision
+    cols = ["design", "method", "reference", "pairs", "oos_difference", "oos_mcse", "id_difference"]
+    def tidy(frame):
+        return frame[cols].sort_values(cols[:3]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(tidy(combined.tables["paired"]), tidy(res.tables["paired"]))
+    assert (tmp_path / "extrapolation.json").exists()
+    with pytest.raises(ValueError, match="more than one store"):
+        report_from_stores([stores[0], stores[0]], out=tmp_path)
+    with pytest.raises(ValueError, match="not in store"):
+        report_from_stores([(stores[0], ["no such method"])], out=tmp_path)

@@ -80,7 +80,7 @@ from . import peers
 from .base import CheckContext, CheckResult, register
 
 __all__ = ["NAME", "CLAIM", "METHODS", "ExtrapolationData", "MethodEntry", "paired_differences", "findings",
-           "mc_marginal_kl", "make_generate", "make_method", "report", "stored_table", "run"]
+           "mc_marginal_kl", "make_generate", "make_method", "report", "report_from_stores", "stored_table", "run"]
 
 NAME = "extrapolation"
 CLAIM = ("In the identified design, learned perturbation fitted by the likelihood equations (ps) has a lower "
@@ -120,6 +120,8 @@ METHODS: dict[str, MethodEntry] = {e.key: e for e in [
 ]}
 EXACT_OBJECTIVES = {"mle": "mle", "ps-exact": "likelihood", "q2": "brier"}
 FIXED_BASELINES = ("gaussian (sgd)", "neftune (sgd)", "discrete (sgd)")
+#: The pair the decision rule judges unless ``--set primary_method=/primary_reference=`` (METHODS keys).
+DEFAULT_PRIMARY = ("ps-exact", "mle-exact")
 #: Bump when what a replicate computes changes: stored runs of another version are not resumed.
 STUDY_VERSION = 1
 
@@ -593,7 +595,7 @@ def run(context: CheckContext) -> CheckResult:
                     "sample_size": context.param("engression_sample_size", 4000, 10000)})
     margin_fraction = context.param("margin_fraction", 0.10)
     primary = []
-    for key, default in (("primary_method", "ps-exact"), ("primary_reference", "mle-exact")):
+    for key, default in zip(("primary_method", "primary_reference"), DEFAULT_PRIMARY):
         value = context.param(key, default)
         if value not in METHODS:
             raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(METHODS)}")
@@ -645,6 +647,59 @@ def stored_table(store: str | Path) -> pd.DataFrame:
     rows["design"] = [conditions[int(c)]["design"] for c in rows["condition"]]
     rows["n"] = [conditions[int(c)]["n"] for c in rows["condition"]]
     return rows.sort_values(["condition", "replicate", "method"], kind="mergesort").reset_index(drop=True)
+
+
+def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str] | None = None,
+                       margin_fraction: float = 0.10, notes: list[str] | None = None) -> CheckResult:
+    """The check's result from the rows of one or more stores of this check (runs still going,
+    stopped, or run with different ``--set`` choices), saved as ``OUT/extrapolation.json``.
+
+    ``stores``: paths, or ``(path, [method labels])`` to take only those methods from a store
+    (a peer run that also fitted ``mle (sgd)`` on the same data, say). A (design, replicate,
+    method) row found in two stores is an error. The primary pair is the check's default
+    (``ps-exact (exact solver)`` against ``mle (exact solver)``) unless given. ``settings``
+    records each store, its manifest and the settings of the run that wrote it
+    (``OUT_OF_RUN/extrapolation.json``, when it finished).
+    """
+    frames, recorded = [], []
+    for item in stores:
+        path, keep = (item, None) if isinstance(item, (str, Path)) else (item[0], list(item[1]))
+        path = Path(path)
+        if not (path / "manifest.json").exists():
+            raise ValueError(f"store={str(path)!r} is invalid; allowed: a store folder of this check "
+                             "(OUT/extrapolation/store-*, holding manifest.json)")
+        rows = stored_table(path)
+        if keep is not None:
+            unknown = sorted(set(keep) - set(rows["method"]))
+            if unknown:
+                raise ValueError(f"methods {unknown} are not in store {str(path)!r}; allowed: "
+                                 f"{', '.join(sorted(set(rows['method'])))}")
+            rows = rows[rows["method"].isin(keep)]
+        rows = rows.assign(study=path.name)
+        frames.append(rows)
+        run_json = path.parent.parent / f"{NAME}.json"
+        run_settings = json.loads(run_json.read_text()).get("settings") if run_json.exists() else None
+        manifest = json.loads((path / "manifest.json").read_text())
+        recorded.append({"store": str(path), "methods_taken": keep or manifest["methods"],
+                         "rows": int(len(rows)), "replicates": manifest["replicates"],
+                         "conditions": manifest["conditions"], "seed": manifest["seed"],
+                         "run_settings": run_settings})
+    table = pd.concat(frames, ignore_index=True, sort=False)
+    dup = table.duplicated(["design", "replicate", "method"], keep=False)
+    if dup.any():
+        first = table[dup].iloc[0]
+        raise ValueError(f"{first['method']} replicate {first['replicate']} of {first['design']} is in more than "
+                         "one store; allowed: each (design, replicate, method) once (take methods per store)")
+    primary = primary or (METHODS[DEFAULT_PRIMARY[0]].label, METHODS[DEFAULT_PRIMARY[1]].label)
+    designs = [d for d in REFERENCE_DESIGNS if d in set(table["design"])]
+    out = Path(out)
+    (out / NAME).mkdir(parents=True, exist_ok=True)
+    result = report(table, primary=primary, margin_fraction=margin_fraction, folder=out / NAME, designs=designs,
+                    settings={"stores": recorded, "margin_fraction": margin_fraction, "primary": list(primary)},
+                    notes=list(notes or []))
+    result.scale = "full (combined stores)"
+    result.save(out)
+    return result
 
 
 def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: float, folder: Path,
