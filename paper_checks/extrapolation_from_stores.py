@@ -3,7 +3,7 @@
 The full extrapolation check is hours of CPU (DESIGN §6.7); it was run in parts, each a
 ``simstudy check extrapolation --scale full --set ...`` run with its own store, and the
 results page reports their rows together. Usage (the command that wrote the committed JSON is
-printed at the top of its settings):
+recorded in its settings, ``command``):
 
     python paper_checks/extrapolation_from_stores.py --out paper_checks/results \\
         results/extrapolation_r20/extrapolation/store-XXXX \\
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python paper_checks/extrapolation_from_stores.py " + " ".join(
         f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        result = report_from_stores(stores, out=args.out, notes=[f"written by: {command}", *args.note])
+        result = report_from_stores(stores, out=args.out, notes=args.note, command=command)
     except ValueError as exc:
         print(f"extrapolation_from_stores: error: {exc}", file=sys.stderr)
         return 2

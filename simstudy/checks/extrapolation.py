@@ -650,7 +650,8 @@ def stored_table(store: str | Path) -> pd.DataFrame:
 
 
 def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str] | None = None,
-                       margin_fraction: float = 0.10, notes: list[str] | None = None) -> CheckResult:
+                       margin_fraction: float = 0.10, notes: list[str] | None = None,
+                       command: str | None = None) -> CheckResult:
     """The check's result from the rows of one or more stores of this check (runs still going,
     stopped, or run with different ``--set`` choices), saved as ``OUT/extrapolation.json``.
 
@@ -659,7 +660,7 @@ def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str
     method) row found in two stores is an error. The primary pair is the check's default
     (``ps-exact (exact solver)`` against ``mle (exact solver)``) unless given. ``settings``
     records each store, its manifest and the settings of the run that wrote it
-    (``OUT_OF_RUN/extrapolation.json``, when it finished).
+    (``OUT_OF_RUN/extrapolation.json``, when it finished), and ``command`` when given.
     """
     frames, recorded = [], []
     for item in stores:
@@ -695,7 +696,8 @@ def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str
     out = Path(out)
     (out / NAME).mkdir(parents=True, exist_ok=True)
     result = report(table, primary=primary, margin_fraction=margin_fraction, folder=out / NAME, designs=designs,
-                    settings={"stores": recorded, "margin_fraction": margin_fraction, "primary": list(primary)},
+                    settings={**({"command": command} if command else {}), "stores": recorded,
+                              "margin_fraction": margin_fraction, "primary": list(primary)},
                     notes=list(notes or []))
     result.scale = "full (combined stores)"
     result.save(out)

@@ -83,11 +83,30 @@ def _markdown_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
     return "\n".join(lines)
 
 
+def read_findings(path: Path) -> dict[str, str]:
+    """The hand-written investigation per check: the sections ``## NAME`` of ``path`` (markdown),
+    keyed by NAME; the text before the first section is ignored. Missing file: no findings."""
+    if not path.exists():
+        return {}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
 def write_results_page(out: Path, page: Path, *, command: str | None = None,
-                       figures_dir: Path | None = None) -> Path:
+                       figures_dir: Path | None = None, findings: Path | None = None) -> Path:
     """Write the results page from every ``OUT/NAME.json``: verdicts, tables with MCSEs,
-    figures (copied under ``figures/paper_checks/``, linked relative to the page)."""
+    figures (copied under ``figures/paper_checks/``, linked relative to the page), and under
+    each check what was found when investigating it, from the section ``## NAME`` of
+    ``findings`` (default: ``FINDINGS.md`` beside the page; written by people, kept in git)."""
     figures_dir = figures_dir or page.parent.parent / "figures" / "paper_checks"
+    investigated = read_findings(findings or page.parent / "FINDINGS.md")
     figures_dir.mkdir(parents=True, exist_ok=True)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {n: i for i, n in enumerate(CHECKS)}
@@ -107,6 +126,11 @@ def write_results_page(out: Path, page: Path, *, command: str | None = None,
         notes = r.get("statistics", {}).get("notes")
         if notes:
             lines += [f"**Notes.** {notes}", ""]
+        listed = r.get("statistics", {}).get("findings")
+        if isinstance(listed, list) and listed:
+            lines += ["**Comparisons.**", "", *[f"- {item}" for item in listed], ""]
+        if r["name"] in investigated:
+            lines += ["**What we found (investigation).**", "", investigated[r["name"]], ""]
         for table in r.get("tables", []):
             path = out / r["name"] / f"{table}.csv"
             if path.exists():
