@@ -770,6 +770,12 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
     for r in found.itertuples(index=False):
         if (r.method, r.reference) != primary and r.reference in references:
             others.append(f"{r.design}: {r.method} {r.oos_verdict} {r.reference} ({_fmt(r.oos_difference)})")
+    # the primary method against the other reference too: a pass against one mle fit says little
+    # if the other mle fit is as good out of support
+    for r in found[(found["design"] == "identified") & (found["method"] == primary[0])
+                   & (found["reference"] != primary[1]) & found["reference"].isin(references)].itertuples(index=False):
+        head += (f"; against {r.reference}: {_fmt(r.oos_difference)} [{_fmt(r.oos_ci_low)}, {_fmt(r.oos_ci_high)}] "
+                 f"(R={int(r.pairs)}, {r.oos_verdict})")
     summary = head + ("; " + "; ".join(notes) if notes else "")
     statistics["findings"] = others
     figures = _figures(folder, found, curves, gains, designs, references)
