@@ -26,13 +26,13 @@ def generate(cond, rng):
 
 def slow_mean(data, cond):
     if os.environ.get("SIMSTUDY_TEST_SLOW"):
-        time.sleep(0.01)
+        time.sleep(float(os.environ["SIMSTUDY_TEST_SLOW"]))
     return {"estimate": float(data.mean()), "se": float(data.std(ddof=1) / np.sqrt(len(data)))}
 
 
 def slow_median(data, cond):
     if os.environ.get("SIMSTUDY_TEST_SLOW"):
-        time.sleep(0.01)
+        time.sleep(float(os.environ["SIMSTUDY_TEST_SLOW"]))
     return {"estimate": float(np.median(data))}
 
 
@@ -76,7 +76,10 @@ def killmod(tmp_path, monkeypatch):
 
 
 def _env(tmp_path):
-    env = dict(os.environ, SIMSTUDY_TEST_SLOW="1", OMP_NUM_THREADS="1")
+    # 0.05 s a method call: the slowed run lasts at least 900 x 0.05 / 2 = 22.5 s, so a kill or a Ctrl-C
+    # sent within a second of the first chunk (written within flush_seconds = 2 s) always lands mid-run,
+    # however loaded the machine (at 0.01 s the run could finish before the Ctrl-C on a busy machine)
+    env = dict(os.environ, SIMSTUDY_TEST_SLOW="0.05", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
