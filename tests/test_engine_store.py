@@ -76,10 +76,9 @@ def killmod(tmp_path, monkeypatch):
 
 
 def _env(tmp_path):
-    # 0.05 s a method call: the slowed run lasts at least 900 x 0.05 / 2 = 22.5 s, so a kill or a Ctrl-C
-    # sent within a second of the first chunk (written within flush_seconds = 2 s) always lands mid-run,
-    # however loaded the machine (at 0.01 s the run could finish before the Ctrl-C on a busy machine)
-    env = dict(os.environ, SIMSTUDY_TEST_SLOW="0.05", OMP_NUM_THREADS="1")
+    # 0.02 s a method call: the slowed run lasts at least 900 x 0.02 / 2 = 9 s, so a kill or a Ctrl-C
+    # sent within a second of the first chunk (written within flush_seconds = 2 s) lands mid-run
+    env = dict(os.environ, SIMSTUDY_TEST_SLOW="0.02", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
@@ -136,8 +135,12 @@ def test_ctrl_c_of_the_cli_keeps_rows_then_the_same_command_resumes(tmp_path, ki
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "simstudy.cli", "run", str(tmp_path / "kill.toml"), "--out", str(out),
            "--n-jobs", "2", "--no-progress"]
+    # A terminal's foreground process has SIGINT at its default; a test run started in the background
+    # (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: restore the default in the child so the test sees what a user's Ctrl-C does.
     proc = subprocess.Popen(cmd, env=_env(tmp_path), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_chunk(out, proc)
         time.sleep(0.3)
