@@ -68,9 +68,9 @@ def rate_plot(rate: RateResult, ax=None, *, z: float = 1.96, title: str | None =
         p = pts[mask]
         label = ", ".join(str(fit[b]) if b == "method" else f"{b}={fit[b]}" for b in rate.by) or rate.metric
         xv, mv, sv = p[rate.x].to_numpy(float), p["mean"].to_numpy(float), p["mcse"].to_numpy(float)
-        # the levels the fit used (rates.fit_rate: positive finite mean and MCSE); the others (a mean made
-        # infinite by one fit, say) are marked with an x at the bottom edge, and no line crosses them
-        usable = (mv > 0) & np.isfinite(mv) & (sv > 0) & np.isfinite(sv)
+        # the levels the fit used; the others (a mean made infinite by one fit, say) are marked with an x
+        # at the bottom edge, and no line crosses them
+        usable = p["fitted"].to_numpy(bool)
         lower = np.clip(z * sv[usable], 0, mv[usable] * (1 - 1e-9))  # keep bars on the log axis
         ax.errorbar(xv[usable], mv[usable], yerr=[lower, z * sv[usable]], fmt="o", color=color, capsize=3, ms=4)
         for x_out in xv[~usable]:

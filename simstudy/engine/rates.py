@@ -45,7 +45,8 @@ class RateResult:
         constant fitted with the slope fixed (``theory_fit_constant`` and its
         interval ``theory_fit_constant_low/high``).
     points : DataFrame
-        One row per group and x: ``mean``, ``mcse``, ``n_used`` (replicates),
+        One row per group and x: ``mean``, ``mcse``, ``n_used`` (replicates), ``fitted``
+        (the level entered the slope fit: positive finite mean and MCSE),
         ``constant`` = x^(-s) mean, ``constant_mcse``, ``theory_constant``,
         ``constant_z`` = (constant - theory_constant) / constant_mcse and
         ``constant_ok`` (|z| below the ``level`` normal quantile).
@@ -178,10 +179,11 @@ def fit_rate(frame: pd.DataFrame, value: str, x: str, by: Sequence[str] = (), *,
             notes.append(f"{labels or 'all'}: fewer than 2 usable levels of {x}; no fit")
         fits.append(row)
         s = theory_slope if theory_slope is not None else row["slope"]
-        for xi, mi, si, ni in zip(xv, mv, sv, agg["count"].to_numpy()):
+        for xi, mi, si, ni, ui in zip(xv, mv, sv, agg["count"].to_numpy(), usable):
             fac = xi ** (-s) if np.isfinite(s) else np.nan
             c, cse = mi * fac, si * fac
-            p = {**labels, x: xi, "mean": mi, "mcse": si, "n_used": int(ni), "constant": c, "constant_mcse": cse,
+            p = {**labels, x: xi, "mean": mi, "mcse": si, "n_used": int(ni), "fitted": bool(ui),
+                 "constant": c, "constant_mcse": cse,
                  "theory_constant": theory_constant if theory_constant is not None else np.nan}
             if theory_constant is not None and cse > 0:
                 p["constant_z"] = (c - theory_constant) / cse
