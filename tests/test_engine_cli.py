@@ -175,8 +175,8 @@ def test_run_writes_outputs_and_summarize_plot_report_list_work(tmp_path, capsys
     rc, stdout2, _ = _run(["run", tmp_path / "s.toml", "--out", out, "--no-progress"], capsys)
     assert rc == 0 and (out / "replicates.parquet").stat().st_mtime_ns == before
     pd.testing.assert_frame_equal(first, StudyResult.load(out).table, check_exact=True)
-    # another study into the same directory is refused
-    rc, _, err = _run(["run", tmp_path / "s.toml", "--out", out, "--replicates", "41"], capsys)
+    # another study into the same directory is refused (fewer replicates is another study)
+    rc, _, err = _run(["run", tmp_path / "s.toml", "--out", out, "--replicates", "39"], capsys)
     _assert_one_line_error(rc, err, "holds a different study")
     (out / "summary.csv").unlink()
     rc, stdout, _ = _run(["summarize", out], capsys)
@@ -188,6 +188,12 @@ def test_run_writes_outputs_and_summarize_plot_report_list_work(tmp_path, capsys
     assert rc == 0 and (out / "report.md").is_file()
     rc, stdout, _ = _run(["list"], capsys)
     assert rc == 0 and "generic" in stdout and "demo" in stdout and "[default]" in stdout
+    # more replicates extend the study in place: the 40 stored replicates are kept as they were
+    rc, _, _ = _run(["run", tmp_path / "s.toml", "--out", out, "--replicates", "45", "--no-progress"], capsys)
+    grown = StudyResult.load(out)
+    assert rc == 0 and grown.manifest["replicates"] == 45 and grown.manifest["extended_from"] == 40
+    pd.testing.assert_frame_equal(first, grown.table[grown.table["replicate"] < 40].reset_index(drop=True),
+                                  check_exact=True)
 
 
 def test_run_without_argument_runs_the_default_study(tmp_path, capsys, monkeypatch):

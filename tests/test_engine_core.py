@@ -334,6 +334,49 @@ def test_store_resume_refusal_and_lock(tmp_path):
             study.run(store=tmp_path / "a")
 
 
+def _count_items(monkeypatch):
+    import simstudy.engine.backends as backends
+    calls = []
+    orig = backends.execute
+
+    def counting(payload, items, **kw):
+        calls.append(sum(len(todo) for _, _, todo in items))
+        return orig(payload, items, **kw)
+
+    monkeypatch.setattr(backends, "execute", counting)
+    return calls
+
+
+def test_a_study_rerun_with_more_replicates_computes_only_the_new_ones(tmp_path, monkeypatch):
+    def make(replicates, seed=4):
+        return Study(design={"n": [5, 8]}, generate=lambda c, rng: rng.normal(0, 1, c["n"]),
+                     analyse={"t": t_interval}, replicates=replicates, seed=seed)
+
+    make(10).run(store=tmp_path / "r10")
+    make(10, seed=5).run(store=tmp_path / "other-seed")      # a different study: never imported
+    calls = _count_items(monkeypatch)
+    grown = make(25).run(store=tmp_path / "r25")
+    assert calls == [2 * 15]                                   # replicates 10-24 of both conditions only
+    assert grown.manifest["imported"] == [{"store": str(tmp_path / "r10"), "replicates": 10, "rows": 20}]
+    fresh = make(25).run()                                     # the same rows computed from scratch
+    pd.testing.assert_frame_equal(grown.table, fresh.table, check_exact=True)
+    # a smaller study takes its rows from the larger ones and computes nothing
+    calls.clear()
+    shrunk = make(4).run(store=tmp_path / "r4")
+    assert calls == [] and len(shrunk.table) == 2 * 4
+    assert [d["store"] for d in shrunk.manifest["imported"]] == [str(tmp_path / "r10")]  # first sibling wins
+    pd.testing.assert_frame_equal(shrunk.table, make(4).run().table, check_exact=True)
+    assert StudyResult.load(tmp_path / "r25").manifest["imported"][0]["rows"] == 20
+    # in place: the directory of the 10-replicate study is extended to 25, not refused
+    calls.clear()
+    extended = make(25).run(store=tmp_path / "r10")
+    assert calls == [2 * 15] and extended.complete and extended.manifest["extended_from"] == 10
+    pd.testing.assert_frame_equal(extended.table, fresh.table, check_exact=True)
+    assert StudyResult.load(tmp_path / "r10").manifest["replicates"] == 25
+    with pytest.raises(StoreMismatchError, match="holds a different study"):   # shrinking in place is refused
+        make(12).run(store=tmp_path / "r10")
+
+
 def mutating(data, cond):
     data[:] = 0.0
     return {"s": float(data.sum())}

@@ -162,6 +162,10 @@ class Store:
         Directory (created if missing).
     manifest : dict
         The study's manifest; must hold ``config_hash``.
+    extends : iterable of str
+        Config hashes of studies this one extends (the same study with fewer
+        replicates): a directory holding one of them is taken over, its rows
+        kept and its manifest replaced.
 
     Raises
     ------
@@ -171,9 +175,10 @@ class Store:
         Another live process holds the directory's lock.
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any]):
+    def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], *, extends: Iterable[str] = ()):
         self.path = Path(path)
         self.manifest = dict(manifest)
+        self.extends = frozenset(extends)
         self._lock_fh = None
         self._seq = 0
 
@@ -188,12 +193,17 @@ class Store:
             file = self.path / MANIFEST
             if file.is_file():
                 old = read_manifest(self.path)
-                if old.get("config_hash") != self.manifest["config_hash"]:
+                if old.get("config_hash") in self.extends:  # the same study, now with more replicates
+                    self.manifest["extended_from"] = int(old["replicates"])
+                    self.manifest["complete"] = False
+                    self.write_manifest()
+                elif old.get("config_hash") != self.manifest["config_hash"]:
                     raise StoreMismatchError(
                         f"store {str(self.path)!r} holds a different study (config hash "
                         f"{str(old.get('config_hash'))[:12]} != {self.manifest['config_hash'][:12]}); "
                         "allowed: the same study's directory, a new directory, or delete it first")
-                self.manifest["complete"] = bool(old.get("complete", False))
+                else:
+                    self.manifest["complete"] = bool(old.get("complete", False))
             elif any(self.path.glob("chunks/part-*.parquet")) or (self.path / TABLE).exists():
                 raise StoreMismatchError(f"store {str(self.path)!r} holds rows but no {MANIFEST}; "
                                          "allowed: a new directory, or delete it first")

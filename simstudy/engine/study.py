@@ -29,7 +29,7 @@ import pandas as pd
 
 from . import seeds as _seeds
 from .design import RESERVED_COLUMNS, conditions_frame, expand_design, factor_names
-from .storage import KEY, Store, callable_fingerprint, config_hash
+from .storage import KEY, MANIFEST, Store, callable_fingerprint, config_hash, read_manifest, read_rows
 
 __all__ = ["Study", "run_replicate"]
 
@@ -335,8 +335,7 @@ class Study:
     @property
     def config_hash(self) -> str:
         """SHA-256 of design, methods, replicates, seed and fingerprint (see storage)."""
-        return config_hash(conditions=self.conditions, methods=list(self.methods), replicates=self.replicates,
-                           seed=self.seed, fingerprint=self.fingerprint)
+        return self._at_count(self.replicates)
 
     def truths(self) -> list[dict]:
         """True estimand values, one dict per condition (evaluated once, cached)."""
@@ -361,6 +360,61 @@ class Study:
                 "seed": self.seed, "replicates": self.replicates, "methods": list(self.methods),
                 "factors": self.factors, "conditions": self.conditions, "truths": self.truths(),
                 "options": self.options}
+
+    def _at_count(self, replicates: int) -> str:
+        return config_hash(conditions=self.conditions, methods=list(self.methods), replicates=replicates,
+                           seed=self.seed, fingerprint=self.fingerprint)
+
+    def _smaller_versions(self, store) -> tuple[str, ...]:
+        """The config hash in ``store`` if it holds this study with fewer replicates (then it is extended)."""
+        try:
+            old = read_manifest(store)
+            count = int(old["replicates"])
+        except (ValueError, KeyError, TypeError):
+            return ()
+        if count < self.replicates and old.get("config_hash") == self._at_count(count):
+            return (old["config_hash"],)
+        return ()
+
+    def _import_other_counts(self, st: Store) -> None:
+        """Seed an empty store with the rows of the same study run at another replicate count.
+
+        Replicate ``r`` is keyed by its position (DESIGN §7), so its rows do not
+        depend on how many replicates the study has: a study extended from 6 to
+        20 replicates need only compute replicates 6-19. A sibling directory
+        (same parent as ``st``) qualifies when its stored config hash equals
+        this study's hash recomputed at the sibling's replicate count, i.e.
+        design, methods, seed and fingerprint all agree. Its rows with
+        ``replicate < self.replicates`` are copied into one chunk and the
+        source is recorded in the manifest under ``"imported"``.
+        """
+        if st.manifest.get("complete") or len(st.rows()):
+            return
+        imported = []
+        for other in sorted(st.path.parent.glob(f"*/{MANIFEST}")):
+            folder = other.parent
+            if folder.resolve() == st.path.resolve():
+                continue
+            try:
+                old = read_manifest(folder)
+                count = int(old["replicates"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if count == self.replicates or old.get("config_hash") != self._at_count(count):
+                continue
+            rows = read_rows(folder)
+            rows = rows[rows["replicate"].astype(int) < self.replicates]
+            done = st.rows()
+            if len(done):  # two siblings may overlap: keep the first copy of each key
+                seen = set(zip(done["condition"], done["replicate"], done["method"]))
+                keep = [k not in seen for k in zip(rows["condition"], rows["replicate"], rows["method"])]
+                rows = rows[keep]
+            if len(rows):
+                st.write_chunk(rows.reset_index(drop=True))
+                imported.append({"store": str(folder), "replicates": count, "rows": int(len(rows))})
+        if imported:
+            st.manifest["imported"] = imported
+            st.write_manifest()
 
     def __repr__(self) -> str:
         return (f"Study(name={self.name!r}, conditions={len(self.conditions)}, methods={list(self.methods)}, "
@@ -468,8 +522,10 @@ class Study:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: None or an integer >= 1")
         names = list(self.methods)
         manifest = self.manifest()
-        st = Store(store, manifest).open() if store is not None else None
+        st = Store(store, manifest, extends=self._smaller_versions(store)).open() if store is not None else None
         try:
+            if st is not None:
+                self._import_other_counts(st)
             stored = st.rows() if st is not None else None
             done: dict[tuple[int, int], set] = {}
             if stored is not None and len(stored):
@@ -527,6 +583,9 @@ class Study:
                 st.consolidate(fin.raw)
             if st is not None:
                 manifest["complete"] = bool(st.manifest.get("complete"))
+                for key in ("imported", "extended_from"):  # where the rows not computed by this run came from
+                    if key in st.manifest:
+                        manifest[key] = st.manifest[key]
             if interrupted:
                 warnings.warn(f"study {self.name!r} interrupted: {len(fin.table)} of {expected} rows finished"
                               + (f" and stored in {str(store)!r}; run again to resume" if st is not None
