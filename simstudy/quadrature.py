@@ -35,6 +35,7 @@ class Rule:
     nodes: np.ndarray  # (M, q)
     log_weights: np.ndarray  # (M,), sums (in exp) to one
     num_nodes_per_dim: int
+    half_width: float | None = None  # trapezoid: the rule covers [-half_width, half_width]^q
 
     @property
     def size(self) -> int:
@@ -62,7 +63,7 @@ def trapezoid(num_nodes: int, dim: int, *, half_width: float = 9.0) -> Rule:
     trap[[0, -1]] = h / 2
     log_w = np.log(trap) + stats.norm.logpdf(z)
     nodes, log_w = _tensor(z, log_w, dim)
-    return Rule("trapezoid", nodes, log_w, num_nodes)
+    return Rule("trapezoid", nodes, log_w, num_nodes, half_width=float(half_width))
 
 
 def gauss_hermite(num_nodes: int, dim: int) -> Rule:
@@ -96,9 +97,10 @@ def make_rule(name: str, num_nodes: int, dim: int, *, seed: int = 0) -> Rule:
 
 
 def refined(rule: Rule, *, seed: int = 1) -> Rule:
-    """The same rule with the nodes doubled (trapezoid: step halved, 2M - 1 nodes)."""
+    """The same rule with the nodes doubled (trapezoid: step halved, 2M - 1 nodes, same interval)."""
     if rule.name == "trapezoid":
-        return trapezoid(2 * rule.num_nodes_per_dim - 1, rule.dim)
+        return trapezoid(2 * rule.num_nodes_per_dim - 1, rule.dim,
+                         half_width=9.0 if rule.half_width is None else rule.half_width)
     if rule.name == "gauss-hermite":
         return gauss_hermite(2 * rule.num_nodes_per_dim, rule.dim)
     return rqmc(rule.size, rule.dim, seed=seed)

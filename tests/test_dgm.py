@@ -209,6 +209,17 @@ def test_trapezoid_and_gauss_hermite_agree_within_their_errors():
     assert eg.max() < 1e-8
 
 
+def test_refined_trapezoid_halves_the_step_on_the_same_interval():
+    from simstudy import quadrature
+
+    for half_width in (9.0, 4.0):
+        coarse = quadrature.trapezoid(11, 1, half_width=half_width)
+        fine = quadrature.refined(coarse)
+        assert fine.size == 21 and fine.half_width == half_width
+        assert np.isclose(np.abs(fine.nodes).max(), half_width)
+        assert np.allclose(fine.nodes[::2], coarse.nodes)   # the coarse grid is every other fine node
+
+
 def test_marginal_cache_and_batch_independence():
     dgm = small(latent_dim=2)
     x = dgm.prefixes("oos")

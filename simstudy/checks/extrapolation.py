@@ -247,7 +247,7 @@ def pruned_trapezoid(num_nodes: int, dim: int, *, floor: float = 1e-14) -> quadr
     rule = quadrature.trapezoid(num_nodes, dim)
     keep = np.exp(rule.log_weights) > floor
     log_w = rule.log_weights[keep] - np.logaddexp.reduce(rule.log_weights[keep])
-    return quadrature.Rule(rule.name, rule.nodes[keep], log_w, rule.num_nodes_per_dim)
+    return quadrature.Rule(rule.name, rule.nodes[keep], log_w, rule.num_nodes_per_dim, half_width=rule.half_width)
 
 
 # ---- methods ---------------------------------------------------------------------------------------------
