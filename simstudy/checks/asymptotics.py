@@ -350,7 +350,7 @@ def run_shared_study(context: CheckContext) -> tuple[AsymptoticSettings, StudyRe
     key = str(store.resolve())
     if key not in _RESULTS or not _RESULTS[key].complete:
         _RESULTS[key] = study.run(n_jobs=context.n_jobs, store=store, progress=False)
-    return settings, _RESULTS[key]
+    return settings, context.record(_RESULTS[key])
 
 
 # ================================================================================================

@@ -62,7 +62,8 @@ class CheckResult:
     figures: list[str] = field(default_factory=list)
     scale: str = "smoke"
     settings: dict = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this run (near 0 when it resumed from stored rows)
+    replicate_seconds: float | None = None  # summed time of the replicates behind the numbers, stored ones included
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -75,7 +76,8 @@ class CheckResult:
         return _jsonable({"name": self.name, "claim": self.claim, "decision_rule": self.decision_rule,
                           "decision": self.decision, "summary": self.summary, "statistics": self.statistics,
                           "tables": sorted(self.tables), "figures": self.figures, "scale": self.scale,
-                          "settings": self.settings, "seconds": self.seconds})
+                          "settings": self.settings, "seconds": self.seconds,
+                          "replicate_seconds": self.replicate_seconds})
 
     def save(self, out: Path) -> Path:
         out = Path(out)
@@ -99,6 +101,15 @@ class CheckContext:
     n_jobs: int = 1
     overrides: dict = field(default_factory=dict)
     used: set = field(default_factory=set)
+    replicate_seconds: float = 0.0  # summed by :meth:`record` over the studies a check used
+
+    def record(self, result):
+        """Count the time of a study's replicates (stored rows included) towards the running check;
+        returns ``result``."""
+        timings = getattr(result, "timings", None)
+        if timings is not None and "seconds" in timings:
+            self.replicate_seconds += float(np.nansum(timings["seconds"].to_numpy(dtype=float)))
+        return result
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -171,8 +182,11 @@ def run_check(name: str, context: CheckContext) -> CheckResult:
     if name not in CHECKS:
         raise ValueError(f"check={name!r} is unknown; allowed: all, {', '.join(CHECKS)}")
     started = time.perf_counter()
+    context.replicate_seconds = 0.0
     result = CHECKS[name].run(context)
     result.seconds = time.perf_counter() - started
+    if result.replicate_seconds is None and context.replicate_seconds > 0:
+        result.replicate_seconds = context.replicate_seconds
     result.scale = context.scale
     result.save(context.out)
     return result

@@ -626,7 +626,7 @@ def run(context: CheckContext) -> CheckResult:
                       fingerprint=_fingerprint({"dgm_overrides": dgm_options, "fresh_teacher": fresh_teacher,
                                                 "method_settings": asdict(settings),
                                                 "methods": [METHODS[k].label for k in keys]}))
-        result = study.run(n_jobs=context.n_jobs, store=_store(folder, study), progress=False)
+        result = context.record(study.run(n_jobs=context.n_jobs, store=_store(folder, study), progress=False))
         t = result.table.copy()
         t["study"] = tag
         tables.append(t)
@@ -700,6 +700,7 @@ def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str
                               "margin_fraction": margin_fraction, "primary": list(primary)},
                     notes=list(notes or []))
     result.scale = "full (combined stores)"
+    result.replicate_seconds = float(np.nansum(table["_seconds"].to_numpy(dtype=float))) if "_seconds" in table else None
     result.save(out)
     return result
 

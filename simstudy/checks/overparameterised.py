@@ -158,7 +158,7 @@ def run_overparameterised(context: CheckContext) -> CheckResult:
     settings = overparameterised_settings(context)
     study = build_study(settings)
     store = Path(context.out) / "studies" / f"{name}-{study.config_hash[:12]}"
-    result: StudyResult = study.run(n_jobs=context.n_jobs, store=store, progress=False)
+    result: StudyResult = context.record(study.run(n_jobs=context.n_jobs, store=store, progress=False))
     folder = context.folder(name)
     rate_id = result.rate("kl_id", x="n", by=["method"])
     rate_oos = result.rate("kl_oos", x="n", by=["method"])

@@ -460,7 +460,7 @@ def run_audits(name: str, design: list[dict], setup: AuditSetup, *, replicates: 
                                                                                              setup=setup)},
                   replicates=replicates, seed=seed, name=name, fingerprint=_fingerprint(setup))
     where = None if store is None else Path(store) / f"{name}-{study.config_hash[:12]}"
-    return study.run(n_jobs=context.n_jobs, store=where, progress=False)
+    return context.record(study.run(n_jobs=context.n_jobs, store=where, progress=False))
 
 
 # ------------------------------------------------------------------------------------------------
