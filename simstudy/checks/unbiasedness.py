@@ -460,7 +460,7 @@ def run_audits(name: str, design: list[dict], setup: AuditSetup, *, replicates: 
                                                                                              setup=setup)},
                   replicates=replicates, seed=seed, name=name, fingerprint=_fingerprint(setup))
     where = None if store is None else Path(store) / f"{name}-{study.config_hash[:12]}"
-    return context.record(study.run(n_jobs=context.n_jobs, store=where, progress=False))
+    return study.run(n_jobs=context.n_jobs, store=where, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -644,7 +644,7 @@ def run_unbiasedness(context: CheckContext) -> CheckResult:
     seed = context.param("study_seed", 20240601)
     design = [{"equation": label, "point": p} for p in points for labels in families.values() for label in labels]
     store = context.folder(name) / "store" if context.scale == "full" or context.param("store", False) else None
-    res = run_audits(name, design, setup, replicates=1, seed=seed, context=context, store=store)
+    res = context.record(run_audits(name, design, setup, replicates=1, seed=seed, context=context, store=store))
     table = res.table
     failed = _failed(table)
     frame = table[table["status"] == "ok"].copy()
@@ -741,10 +741,12 @@ def run_calibration(context: CheckContext) -> CheckResult:
     min_null = context.param("min_null_audits", 200)
     seed = context.param("study_seed", 20240602)
     store = context.folder(name) / "store" if context.scale == "full" or context.param("store", False) else None
-    null = run_audits(f"{name}-null", [{"equation": e, "point": p} for p in points for e in null_labels], setup,
-                      replicates=n_null, seed=seed, context=context, store=store).table
-    power = run_audits(f"{name}-power", [{"equation": e, "point": p} for p in points for e in power_labels], setup,
-                       replicates=n_power, seed=seed + 1, context=context, store=store).table
+    null = context.record(run_audits(f"{name}-null", [{"equation": e, "point": p} for p in points
+                                                      for e in null_labels], setup,
+                                     replicates=n_null, seed=seed, context=context, store=store)).table
+    power = context.record(run_audits(f"{name}-power", [{"equation": e, "point": p} for p in points
+                                                        for e in power_labels], setup,
+                                      replicates=n_power, seed=seed + 1, context=context, store=store)).table
     table = pd.concat([null.assign(role="false-alarm"), power.assign(role="power")], ignore_index=True)
     failed = _failed(table)
     ok = table[table["status"] == "ok"]
