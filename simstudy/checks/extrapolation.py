@@ -770,7 +770,9 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
     others = []
     for r in found.itertuples(index=False):
         if (r.method, r.reference) != primary and r.reference in references:
-            others.append(f"{r.design}: {r.method} {r.oos_verdict} {r.reference} ({_fmt(r.oos_difference)})")
+            relation = {"beats": "beats", "worse": "is worse than"}.get(r.oos_verdict, f"{r.oos_verdict} against")
+            others.append(f"{r.design}: {r.method} {relation} {r.reference} out of support: OOS KL difference "
+                          f"{_fmt(r.oos_difference)} [{_fmt(r.oos_ci_low)}, {_fmt(r.oos_ci_high)}], R={int(r.pairs)}")
     # the primary method against the other reference too: a pass against one mle fit says little
     # if the other mle fit is as good out of support
     for r in found[(found["design"] == "identified") & (found["method"] == primary[0])
