@@ -769,7 +769,8 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
                 f"vs margin {_fmt(r['id_margin'])}")
     others = []
     for r in found.itertuples(index=False):
-        if (r.method, r.reference) != primary and r.reference in references:
+        # the primary pair in the identified design is the decision, stated first; elsewhere it is a finding
+        if ((r.design, r.method, r.reference) != ("identified", *primary)) and r.reference in references:
             relation = {"beats": "beats", "worse": "is worse than"}.get(r.oos_verdict, f"{r.oos_verdict} against")
             others.append(f"{r.design}: {r.method} {relation} {r.reference} out of support: OOS KL difference "
                           f"{_fmt(r.oos_difference)} [{_fmt(r.oos_ci_low)}, {_fmt(r.oos_ci_high)}], R={int(r.pairs)}")
