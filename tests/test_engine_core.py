@@ -450,3 +450,18 @@ def test_run_arguments_are_validated():
         study.run(scheduler="tcp://x:1")
     with pytest.raises(ValueError, match=r"truth\(condition 0\)\['m'\]='x' is invalid"):
         study.run()
+
+
+def test_loky_warning_about_an_idle_worker_that_timed_out_is_silenced_and_no_other():
+    """loky warns from its management thread when an idle worker times out while another still runs a long
+    replicate; nothing is lost, so a loky run installs a filter for exactly that message."""
+    import simstudy.engine.backends as backends
+
+    Study(design={"n": [3]}, generate=lambda c, rng: rng.normal(size=c["n"]), analyse={"t": t_interval},
+          replicates=4, seed=1).run(n_jobs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("A worker stopped while some jobs were given to the executor. This can be caused by a too "
+                      "short worker timeout or by a memory leak.", UserWarning)
+        warnings.warn("another loky warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["another loky warning"]
+    assert backends._LOKY_IDLE_WORKER.startswith("A worker stopped")

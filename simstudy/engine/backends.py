@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 
@@ -163,8 +164,19 @@ def _cloudpickle():
     return cloudpickle
 
 
+#: loky warns when an idle worker times out while another still runs a long replicate (the tail of a
+#: study of slow fits). Nothing is lost: loky starts a new worker if one is needed, and rows are keyed
+#: by position. The warning is raised in loky's management thread, so only a process-wide filter,
+#: narrowed to this one message, silences it.
+_LOKY_IDLE_WORKER = "A worker stopped while some jobs were given to the executor"
+#: Seconds an idle loky worker waits for work before it exits (then restarted on demand).
+_WORKER_IDLE_TIMEOUT = 120
+
+
 def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds) -> None:
     from joblib.externals.loky import get_reusable_executor
+
+    warnings.filterwarnings("ignore", message=_LOKY_IDLE_WORKER, category=UserWarning)
 
     cloudpickle = _cloudpickle()
     import sys
@@ -172,7 +184,7 @@ def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, tar
     blob = cloudpickle.dumps(payload)
     key = hashlib.sha256(blob).hexdigest()
     sys_path = list(sys.path)
-    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=120)
+    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=_WORKER_IDLE_TIMEOUT)
     chunker = _Chunker(items, target_seconds, batch_size)
     pending: dict = {}
 
