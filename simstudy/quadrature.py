@@ -25,6 +25,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 RULES = ("trapezoid", "gauss-hermite", "rqmc")
+TRAPEZOID_HALF_WIDTH = 9.0  # default interval [-9, 9]^q of the trapezoid rule
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def _tensor(nodes_1d: np.ndarray, log_w_1d: np.ndarray, dim: int) -> tuple[np.nd
     return nodes, log_w - logsumexp(log_w)
 
 
-def trapezoid(num_nodes: int, dim: int, *, half_width: float = 9.0) -> Rule:
+def trapezoid(num_nodes: int, dim: int, *, half_width: float = TRAPEZOID_HALF_WIDTH) -> Rule:
     """Tensor trapezoid rule with ``num_nodes`` per dimension on [-half_width, half_width]."""
     _check(num_nodes, dim, minimum=3)
     z = np.linspace(-half_width, half_width, num_nodes)
@@ -100,7 +101,7 @@ def refined(rule: Rule, *, seed: int = 1) -> Rule:
     """The same rule with the nodes doubled (trapezoid: step halved, 2M - 1 nodes, same interval)."""
     if rule.name == "trapezoid":
         return trapezoid(2 * rule.num_nodes_per_dim - 1, rule.dim,
-                         half_width=9.0 if rule.half_width is None else rule.half_width)
+                         half_width=TRAPEZOID_HALF_WIDTH if rule.half_width is None else rule.half_width)
     if rule.name == "gauss-hermite":
         return gauss_hermite(2 * rule.num_nodes_per_dim, rule.dim)
     return rqmc(rule.size, rule.dim, seed=seed)

@@ -390,7 +390,7 @@ class Study:
         """
         if st.manifest.get("complete") or len(st.rows()):
             return
-        imported = []
+        imported, seen = [], set()  # seen: keys copied so far (two siblings may overlap: the first wins)
         for other in sorted(st.path.parent.glob(f"*/{MANIFEST}")):
             folder = other.parent
             if folder.resolve() == st.path.resolve():
@@ -404,11 +404,9 @@ class Study:
                 continue
             rows = read_rows(folder)
             rows = rows[rows["replicate"].astype(int) < self.replicates]
-            done = st.rows()
-            if len(done):  # two siblings may overlap: keep the first copy of each key
-                seen = set(zip(done["condition"], done["replicate"], done["method"]))
-                keep = [k not in seen for k in zip(rows["condition"], rows["replicate"], rows["method"])]
-                rows = rows[keep]
+            keys = list(zip(*(rows[k] for k in KEY)))
+            rows = rows[[k not in seen for k in keys]]
+            seen.update(keys)
             if len(rows):
                 st.write_chunk(rows.reset_index(drop=True))
                 imported.append({"store": str(folder), "replicates": count, "rows": int(len(rows))})
