@@ -202,9 +202,11 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    from .checks.base import listing
     from .studies.spec import listings
 
-    for title, items in listings().items():
+    sections = {**listings(), "paper checks (simstudy check NAME)": listing()}
+    for title, items in sections.items():
         print(f"{title}:")
         if not items:
             print("  (none registered)")

@@ -9,6 +9,7 @@ never dropped (DESIGN §3, q2 at small n).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 
 from .models import PerturbedLM
+from .validation import check_choice, check_int
 
 
 def kl_divergence(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
@@ -35,6 +37,28 @@ def kl_divergence(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
 def tv_distance(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
     """Total variation distance row by row: (N, V) x (N, V) -> (N,)."""
     return 0.5 * np.abs(np.asarray(p_true) - np.asarray(p_hat)).sum(axis=-1)
+
+
+def mc_marginal_kl(truth: np.ndarray, probs: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
+    """KL(m* || m-hat) per row for a Monte Carlo marginal m-hat with per-class
+    standard errors ``error`` (``PerturbedLM.marginal(method="mc")``), DESIGN §5.
+
+    The plug-in KL is biased upwards by E[-log m-hat_v] + log m_v ~ Var(m-hat_v) /
+    (2 m_v^2); b = sum_v m*_v error_v^2 / (2 m-hat_v^2) is subtracted. The standard
+    error sqrt(sum_v (m*_v / m-hat_v)^2 error_v^2) is the delta method without the
+    between-class covariance (the model does not return it). Returns ``kl``
+    (corrected), ``kl_plugin``, ``bias``, ``mc_se``, each ``(N,)``.
+    """
+    m = np.asarray(truth, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    e = np.asarray(error, dtype=np.float64)
+    if not (m.shape == p.shape == e.shape) or m.ndim != 2:
+        raise ValueError(f"shapes {m.shape}, {p.shape}, {e.shape} are invalid; allowed: equal (N, V) shapes")
+    plugin = kl_divergence(m, p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bias = np.where(m > 0, m * e ** 2 / (2 * p ** 2), 0.0).sum(1)
+        se = np.sqrt(np.where(m > 0, (m / p) ** 2 * e ** 2, 0.0).sum(1))
+    return {"kl": plugin - bias, "kl_plugin": plugin, "bias": bias, "mc_se": se}
 
 
 def _mean_and_mcse(values: np.ndarray) -> tuple[float, float]:
@@ -154,27 +178,63 @@ def perturbation_recovery(student: PerturbedLM, teacher: PerturbedLM) -> dict[st
     return out
 
 
+def iwae_bound(token_log_lik: torch.Tensor, *, scope: str = "datum") -> torch.Tensor:
+    """The K-sample IWAE bound from per-token log-likelihoods of K prior draws (DESIGN §5).
+
+    Parameters
+    ----------
+    token_log_lik : (B, K, c) tensor
+        log p(y_j | x, y_<j, z_k) of K prior draws z_k (K = 1 and no latent: the exact log-likelihood).
+    scope : {"datum", "token"}
+        "datum": log mean_k p(y | x, z_k), one bound per datum, ``(B,)``; "token": per-position bounds
+        log mean_k p(y_j | x, y_<j, z_k), ``(B, c)``, the draws shared across positions (DESIGN §2, per-token
+        scope: each position's bound stays valid).
+    """
+    k = token_log_lik.shape[1]
+    if scope == "datum":
+        return torch.logsumexp(token_log_lik.sum(-1), dim=1) - math.log(k)  # (B,)
+    if scope == "token":
+        return torch.logsumexp(token_log_lik, dim=1) - math.log(k)  # (B, c)
+    raise ValueError(f"scope={scope!r} is unknown; allowed: datum, token")
+
+
+def has_eval_latent(model) -> bool:
+    """True when the model's predictive distribution integrates over a latent (NEFTune and mle have none)."""
+    p = model.perturbation
+    return bool(p.perturb_at_eval and p.latent_dim > 0)
+
+
 @torch.no_grad()
 def iwae_log_marginal(model: PerturbedLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int,
-                      generator: torch.Generator | None = None, scope: str = "datum") -> torch.Tensor:
+                      generator: torch.Generator | None = None, scope: str = "datum",
+                      batch_size: int | None = None) -> torch.Tensor:
     """K-sample IWAE estimate of log m(y | x): log mean_k p(y | x, z_k), a lower bound
-    in expectation that tightens as K grows (DESIGN §5).
+    in expectation that tightens as K grows (DESIGN §5). The one IWAE estimate of the package:
+    :func:`perplexity` and :func:`simstudy.llm.datum_log_marginals` call it.
 
-    scope "datum": one bound per datum, (B,); "token": per-token bounds with fresh
-    draws per position (DESIGN §2 per-token scope), (B, c).
+    Parameters
+    ----------
+    model : PerturbedLM or PerturbedCausalLM
+    x : (B, L) long; y : (B, c) long
+    num_draws : int >= 1
+        K. A model without a latent at evaluation (:func:`has_eval_latent` false) is evaluated exactly,
+        K = 1, and draws nothing from ``generator``.
+    scope : {"datum", "token"}
+        See :func:`iwae_bound`: ``(B,)`` per datum, ``(B, c)`` per token.
+    batch_size : int, optional
+        Data per forward pass (the draws of each batch are made in turn); None: one pass.
     """
-    if num_draws < 1:
-        raise ValueError(f"num_draws={num_draws} is invalid; allowed: an integer >= 1")
-    latent = model.sample_latent(x, num_draws, generator)
-    if not model.perturbation.perturb_at_eval:
-        latent = None
-    token = model.token_log_lik(x, y, latent)  # (B, K, c)
-    k = token.shape[1]
-    if scope == "datum":
-        return torch.logsumexp(token.sum(-1), dim=1) - np.log(k)
-    if scope == "token":
-        return torch.logsumexp(token, dim=1) - np.log(k)
-    raise ValueError(f"scope={scope!r} is unknown; allowed: datum, token")
+    check_int("num_draws", num_draws, 1)
+    check_choice("scope", scope, ("datum", "token"), word="unknown")
+    n = x.shape[0]
+    step = max(n, 1) if batch_size is None else check_int("batch_size", batch_size, 1)
+    latent_on = has_eval_latent(model)
+    out = []
+    for s in range(0, max(n, 1), step):  # one (empty) pass when there are no data
+        xb, yb = x[s:s + step], y[s:s + step]  # (b, L), (b, c)
+        latent = model.sample_latent(xb, num_draws, generator) if latent_on else None  # (b, K, ...)
+        out.append(iwae_bound(model.token_log_lik(xb, yb, latent), scope=scope))  # (b,) or (b, c)
+    return torch.cat(out)
 
 
 def perplexity(model: PerturbedLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 16,

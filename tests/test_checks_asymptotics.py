@@ -17,8 +17,11 @@ import torch
 from simstudy import quadrature
 from simstudy.checks import CheckContext, run_check
 from simstudy.checks import overparameterised  # noqa: F401  (registers the check)
-from simstudy.checks import asymptotics as asy
+from simstudy.checks import consistency
+from simstudy.checks import asymptotic_study as asy
 from simstudy.checks import fisher
+from simstudy.checks import fisher_linalg as linalg
+from simstudy.checks.asymptotic_statistics import asymptotic_start, paired_ratio
 from simstudy.dgm import PerturbedNextToken
 
 SMALL = {"n": "4000,16000", "replicates": "3"}  # the shared study at test size
@@ -112,7 +115,7 @@ def test_information_equality_and_brier_matrices_match_the_jacobian_formulas(dgm
 def test_marginal_gradient_matches_finite_differences(dgm, truth_student):
     x0, y0 = torch.tensor([[0, 0], [4, 4]]), torch.tensor([1, 2])
     m, G = fisher.marginal_gradient(truth_student, x0, y0)
-    flat = fisher.FlatParameters.of(truth_student)
+    flat = linalg.FlatParameters.of(truth_student)
     theta = flat.theta()
     rule = quadrature.default_rule(1)
     fn = lambda t: flat.call(lambda mod, a: mod.quadrature_token_log_marginals(a, None, rule), t, x0)[  # noqa: E731
@@ -143,11 +146,11 @@ def test_empirical_sandwich_matches_plain_autograd(dgm, truth_student):
         psi = torch.stack(rows).numpy()
         mean = w.numpy() @ psi
         B = ((psi - mean).T * w.numpy()) @ (psi - mean)
-        flat = fisher.FlatParameters.of(truth_student)
+        flat = linalg.FlatParameters.of(truth_student)
         total = lambda t: (flat.call(lambda mod, a, b: fisher.objective_terms(mod, a, b, objective, rule),  # noqa
                                      t, xu, yu) * w).sum()
         A = torch.autograd.functional.hessian(total, flat.theta()).numpy()
-        expected = fisher.sandwich_covariance(A, B, None)
+        expected = linalg.sandwich_covariance(A, B, None)
         np.testing.assert_allclose(sigma, expected, atol=1e-7 * np.abs(expected).max())
 
 
@@ -155,18 +158,18 @@ def test_identifiable_subspace_and_sandwich_algebra():
     rng = np.random.default_rng(0)
     Q = np.linalg.qr(rng.standard_normal((5, 5)))[0]
     I = Q @ np.diag([3.0, 1.0, 0.5, 0.0, 0.0]) @ Q.T
-    sub = fisher.identifiable_subspace(I, 1e-10)
+    sub = linalg.identifiable_subspace(I, 1e-10)
     assert sub.rank == 3 and sub.condition == pytest.approx(6.0)
     # likelihood: A = -I, B = I gives Sigma = I^+ and the constant r / 2
-    sigma = fisher.sandwich_covariance(-I, I, sub.basis)
+    sigma = linalg.sandwich_covariance(-I, I, sub.basis)
     np.testing.assert_allclose(sigma, np.linalg.pinv(I, rcond=1e-10), atol=1e-12)
-    assert fisher.kl_constant(I, sigma) == pytest.approx(1.5)
+    assert linalg.kl_constant(I, sigma) == pytest.approx(1.5)
     # a non-symmetric-looking B on the subspace: the basis and the pseudo-inverse routes agree
     B = Q @ np.diag([2.0, 1.0, 4.0, 0.0, 0.0]) @ Q.T
-    np.testing.assert_allclose(fisher.sandwich_covariance(-I, B, sub.basis), fisher.sandwich_covariance(-I, B),
+    np.testing.assert_allclose(linalg.sandwich_covariance(-I, B, sub.basis), linalg.sandwich_covariance(-I, B),
                                atol=1e-12)
     with pytest.raises(ValueError, match="rtol"):
-        fisher.identifiable_subspace(I, 2.0)
+        linalg.identifiable_subspace(I, 2.0)
 
 
 def test_enumeration_guard():
@@ -178,9 +181,9 @@ def test_enumeration_guard():
 def test_asymptotic_start():
     n = np.array([500, 1000, 2000, 4000, 8000])
     # pre-asymptotic at 500 and 1000, on theory from 2000 on
-    assert asy.asymptotic_start(n, np.array([30.0, 16.0, 12.2, 11.9, 12.1]), np.full(5, 0.3), 12.0) == 2000
-    assert math.isnan(asy.asymptotic_start(n, np.array([30.0, 16.0, 12.2, 11.9, 14.0]), np.full(5, 0.3), 12.0))
-    assert asy.asymptotic_start(n, np.full(5, 12.0), np.full(5, 0.3), 12.0) == 500
+    assert asymptotic_start(n, np.array([30.0, 16.0, 12.2, 11.9, 12.1]), np.full(5, 0.3), 12.0) == 2000
+    assert math.isnan(asymptotic_start(n, np.array([30.0, 16.0, 12.2, 11.9, 14.0]), np.full(5, 0.3), 12.0))
+    assert asymptotic_start(n, np.full(5, 12.0), np.full(5, 0.3), 12.0) == 500
 
 
 def test_paired_ratio_delta_method_against_simulation():
@@ -188,11 +191,11 @@ def test_paired_ratio_delta_method_against_simulation():
     b = rng.chisquare(24, size=(4000, 50)) / 2
     a = 1.5 * b + rng.chisquare(4, size=b.shape)
     ratios = a.mean(1) / b.mean(1)
-    ses = np.array([asy.paired_ratio(ai, bi)[1] for ai, bi in zip(a, b)])
+    ses = np.array([paired_ratio(ai, bi)[1] for ai, bi in zip(a, b)])
     # the delta-method MCSE (root mean square over samples) against the ratio's sampling spread:
     # with 4000 samples both are known to about 2%
     assert np.sqrt(np.mean(ses ** 2)) == pytest.approx(ratios.std(), rel=0.1)
-    assert asy.paired_ratio(2 * b[0], b[0]) == pytest.approx((2.0, 0.0), abs=1e-12)
+    assert paired_ratio(2 * b[0], b[0]) == pytest.approx((2.0, 0.0), abs=1e-12)
 
 
 # ---- the checks at a reduced smoke scale ----------------------------------------------------------
@@ -211,7 +214,7 @@ def test_consistency_check(shared_out):
     ids = res.tables["verdicts"][res.tables["verdicts"]["region"] == "ID"]
     assert ids["fell"].all() and (ids["slope_high"] < 0).all()
     saved = json.loads((shared_out / "consistency.json").read_text())
-    assert saved["decision"] in ("pass", "fail") and saved["decision_rule"] == asy.CONSISTENCY_RULE
+    assert saved["decision"] in ("pass", "fail") and saved["decision_rule"] == consistency.CONSISTENCY_RULE
     assert set(saved["statistics"]) >= {"ps-exact/ID", "q2/ID", "ps-exact/OOS", "q2/OOS"}
     table = res.tables["replicates"]
     assert len(table) == 2 * 3 * 2 and (table["status"] == "ok").all()

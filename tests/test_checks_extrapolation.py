@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from simstudy import quadrature
 from simstudy.checks import CheckContext, run_check
 from simstudy.checks import extrapolation as ex
 from simstudy.checks import peers
@@ -102,8 +103,8 @@ def test_multinomial_kl_rejects_bad_shapes():
 
 
 def test_pruned_trapezoid_keeps_the_integral():
-    full = ex.quadrature.trapezoid(31, 2)
-    pruned = ex.pruned_trapezoid(31, 2)
+    full = quadrature.trapezoid(31, 2)
+    pruned = quadrature.pruned_trapezoid(31, 2)
     assert pruned.size < 0.6 * full.size
     f = lambda z: np.tanh(1.5 * z[:, 0] - 0.5 * z[:, 1]) ** 2 + 0.1 * z[:, 1] ** 2  # noqa: E731
     assert np.dot(np.exp(pruned.log_weights), f(pruned.nodes)) == pytest.approx(

@@ -18,10 +18,10 @@ import torch
 from scipy import stats as sps
 
 from simstudy.checks.base import CHECKS, CheckContext, run_check
-from simstudy.checks.unbiasedness import (AuditSetup, aug_mean, binomial_excess_pvalue, binomial_rate,
-                                          hotelling_power, likelihood_gradient, loglog_slope, mh_chain_mean,
-                                          parse_equation, perturbed_copy, population, reference_problem)
-from simstudy.equations import AuditResult, gradient_audit, make_equation
+from simstudy.checks.audits import AuditSetup, label_parameter, perturbed_copy, population, reference_problem
+from simstudy.checks.statistics import binomial_excess_pvalue, binomial_rate, loglog_slope
+from simstudy.equations import AuditResult, gradient_audit, make_equation, parse_label
+from simstudy.equations.exact_means import aug_mean, hotelling_power, likelihood_gradient, mh_chain_mean
 
 
 # ---- smoke runs through the framework ------------------------------------------------------------
@@ -130,15 +130,16 @@ def test_population_too_large_and_setup_validation():
         AuditSetup(alpha=1.5)
 
 
-def test_parse_equation():
-    assert parse_equation("ps-exact") == ("ps-exact", {})
-    assert parse_equation("q2") == ("q2", {"num_draws": 2})
-    assert parse_equation("q2-K8") == ("q2", {"num_draws": 8})
-    assert parse_equation("ps-mh-B20") == ("ps-mh", {"steps": 20})
-    assert parse_equation("is-16") == ("is-K", {"num_draws": 16})
+def test_equation_labels():
+    """The check's labels parse in the equations registry; K or B is the class's label option (q2: K = 2)."""
+    assert parse_label("ps-exact") == ("ps-exact", {}) and label_parameter("ps-exact") is None
+    assert parse_label("q2") == ("q2", {}) and label_parameter("q2") == 2 and make_equation("q2").num_draws == 2
+    assert parse_label("q2-K8") == ("q2", {"num_draws": 8}) and label_parameter("q2-K8") == 8
+    assert parse_label("ps-mh-B20") == ("ps-mh", {"steps": 20}) and label_parameter("ps-mh-B20") == 20
+    assert parse_label("is-16") == ("is-K", {"num_draws": 16}) and label_parameter("is-16") == 16
     for bad in ("is-", "psmh", "q2-8", 3):
         with pytest.raises(ValueError, match="equation"):
-            parse_equation(bad)
+            parse_label(bad)
 
 
 # ---- exact expected means -------------------------------------------------------------------------

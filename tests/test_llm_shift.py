@@ -184,10 +184,10 @@ def test_malformed_files_give_one_line(fortunes, change, needle):
 
 
 def test_methods_default_to_their_latent_scope_and_the_preset_files_parse():
-    q2 = llm_shift._method("q2", {}, {"latent_dim": 2})
-    psmh = llm_shift._method("ps-mh", {"equation_options": {"steps": 2}}, {})
-    is8 = llm_shift._method("is-8", {}, {})
-    gauss = llm_shift._method("gaussian", {}, {"perturbation_options": {"init_scale": 0.1}})
+    q2 = llm_shift.method_from_table("q2", {}, {"latent_dim": 2})
+    psmh = llm_shift.method_from_table("ps-mh", {"equation_options": {"steps": 2}}, {})
+    is8 = llm_shift.method_from_table("is-8", {}, {})
+    gauss = llm_shift.method_from_table("gaussian", {}, {"perturbation_options": {"init_scale": 0.1}})
     assert (q2.scope, q2.perturbation, q2.latent_dim) == ("token", "linear", 2)
     assert (psmh.scope, psmh.equation_options["steps"]) == ("datum", 2)
     assert (is8.equation, is8.equation_options["num_draws"], is8.scope) == ("is-K", 8, "token")
@@ -198,7 +198,7 @@ def test_methods_default_to_their_latent_scope_and_the_preset_files_parse():
     for name in ("llm_shift.toml", "llm_shift_gpu.toml"):
         sf = spec.parse_study_text((root / name).read_text(), root / name)
         assert sf.kind == "llm-shift"
-        methods = {n: llm_shift._method(n, t, sf.tables.get("defaults", {})) for n, t in sf.tables["methods"].items()}
+        methods = {n: llm_shift.method_from_table(n, t, sf.tables.get("defaults", {})) for n, t in sf.tables["methods"].items()}
         assert {m.equation for m in methods.values()} >= {"mle", "aug", "q2", "is-K", "ps-mh"}
         assert {m.perturbation for m in methods.values()} >= {"none", "neftune", "gaussian", "discrete", "linear"}
 

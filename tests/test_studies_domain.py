@@ -58,6 +58,8 @@ def test_a_replicate_gives_every_method_the_same_data_and_the_domain_metrics():
     (("[methods.mle]", "[methods.nope]"), "nope"),
     (("equation_options = { num_draws = 4 }", "equation_options = { num_draws = 1 }"), "num_draws"),
     (("n = [200]", "size = [200]"), "n"),
+    (("[dgm]", "[dgm]\nkind = \"nosuch\""), "dgm.kind"),
+    (("[dgm]", "[dgm]\nkind = 3"), "dgm.kind"),
     (("sgd = { steps = 30, validation_fraction = 0.0 }", "sgd = { steps = 30, optimizer = \"rmsprop\" }"),
      "optimizer"),
 ])
@@ -75,3 +77,31 @@ def test_list_names_the_domain_dgms_methods_and_equations(capsys):
     out = capsys.readouterr().out
     for word in ("perturbation", "quick", "five-token", "identified", "neftune", "ps-exact", "sumo"):
         assert word in out
+
+
+def test_dgm_kind_selects_a_registered_dgm_class(tmp_path):
+    """Adding a DGM is one class plus its registration (issue 10): a study file selects it by [dgm] kind."""
+    from simstudy.dgm import DGMS, PerturbedNextToken, register_dgm
+
+    class FlatterNextToken(PerturbedNextToken):
+        """The PNT DGM with a flatter default teacher (a user's own DGM)."""
+
+        kind = "flatter-next-token"
+
+        def __init__(self, *, entropy: float = 1.2, **kwargs):
+            super().__init__(entropy=entropy, **kwargs)
+
+    register_dgm("flatter-next-token", FlatterNextToken)
+    try:
+        text = BASE.replace("[dgm]", "[dgm]\nkind = \"flatter-next-token\"").replace(
+            'design = "five-token"\n', "vocab_size = 11\nhidden = 4\n")
+        study = _study(text)
+        table = study.run_replicate(0, 0)
+        assert list(table["status"]) == ["ok", "ok"]
+        data = study.generate(study.conditions[0], study.rng(0, 0))
+        assert type(data.dgm) is FlatterNextToken and abs(data.dgm.teacher_entropy - 1.2) < 1e-5
+        # the default kind on the same settings is a different DGM (its entropy is the constructor default)
+        plain = _study(BASE.replace('design = "five-token"\n', "vocab_size = 11\nhidden = 4\n"))
+        assert type(plain.generate(plain.conditions[0], plain.rng(0, 0)).dgm) is PerturbedNextToken
+    finally:
+        DGMS.pop("flatter-next-token", None)

@@ -6,7 +6,8 @@ import importlib
 
 from .base import CHECKS, Check, CheckContext, CheckResult, register, run_check
 
-_MODULES = ("unbiasedness", "asymptotics", "overparameterised", "extrapolation")
+_MODULES = ("unbiasedness", "calibration", "consistency", "rates", "inference", "efficiency", "overparameterised",
+            "extrapolation")
 for _name in _MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 

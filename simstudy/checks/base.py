@@ -177,6 +177,15 @@ def register(name: str, claim: str):
     return wrap
 
 
+def listing() -> dict[str, str]:
+    """``simstudy list``'s section of the paper checks: name -> claim (every check module registers itself)."""
+    import importlib
+
+    importlib.import_module(__package__)  # the package imports (and so registers) every check module
+
+    return {name: check.claim for name, check in CHECKS.items()}
+
+
 def run_check(name: str, context: CheckContext) -> CheckResult:
     """Run one check, time it, save its JSON and tables, and return the result."""
     if name not in CHECKS:

@@ -2,16 +2,16 @@
 
 Claim (DESIGN §6.6): a transformer student with far more parameters than data
 still shows falling error in n. The study: data from the "five-token" reference
-model (DESIGN §3; any DGM via ``--set``), a small nanoGPT-style transformer
-student (:class:`simstudy.models.TransformerNetwork` through
-``dgm.make_student(network="transformer", transformer={...})``, float32, a learned
-linear perturbation) fitted by the stochastic solver
-(:func:`simstudy.fit.fit_sgd`: Adam, fresh latent draws each step, a step budget
-that grows with n, early stopping on a held-out split) on an estimating equation
-(``ps-exact`` by default: exact posterior draws, the consistent likelihood
-equations), over a grid of n with a fresh draw of the data and of the student's
-initialisation in every replicate. Each fit records ID and OOS KL(m* || m-hat)
-(quadrature over z) and the parameter count.
+model (DESIGN §3; any DGM via ``--set``; the data by :func:`simstudy.domain.make_generate`), a
+small nanoGPT-style transformer student (:class:`simstudy.models.TransformerNetwork` through
+``dgm.make_student`` with the options of a :class:`simstudy.domain.PerturbationMethod`, float32,
+a learned linear perturbation) fitted by the stochastic solver (:func:`simstudy.domain.fit_student`,
+i.e. :func:`simstudy.fit.fit_sgd`: Adam, fresh latent draws each step, a step budget that grows
+with n, early stopping on a held-out split) on an estimating equation (``ps-exact`` by default:
+exact posterior draws, the consistent likelihood equations), over a grid of n with a fresh draw
+of the data and of the student's initialisation in every replicate. Each fit records ID and OOS
+KL(m* || m-hat) (quadrature over z, :func:`simstudy.domain.evaluate_student`) and the parameter
+count.
 
 Decision rule (OVERPARAMETERISED_RULE): the WLS slope of log mean ID KL on log n
 (replicate-level MCSE weights; :meth:`simstudy.engine.StudyResult.rate`) has its
@@ -32,15 +32,16 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .. import metrics
-from ..dgm import DESIGNS, PerturbedNextToken
+from ..domain import PerturbationMethod, ReplicateData, evaluate_student, fit_student, make_generate
 from ..engine import Study, StudyResult
 from ..engine.plots import rate_plot
-from ..equations import make_equation
-from ..fit import SGDConfig, fit_sgd
+from ..equations import parse_label
+from ..fit import SGDConfig
 from ..models import TransformerConfig
-from .asymptotics import _CTOR_DEFAULTS, DGM_KEYS, _list, make_dgm, mean_table
+from .asymptotic_statistics import mean_table, ok_rows
+from .asymptotic_study import REGION_METRICS
 from .base import CheckContext, CheckResult, register
+from .common import comma_list, dgm_settings, saved, study_store
 
 OVERPARAMETERISED_CLAIM = ("A transformer student with far more parameters than data, fitted by SGD on a consistent "
                            "estimating equation, still shows falling ID error in n (DESIGN §6.6).")
@@ -68,23 +69,28 @@ class OverparameterisedSettings:
     def dgm_options(self) -> dict:
         return dict(self.dgm)
 
+    def method(self) -> PerturbationMethod:
+        """The fitted method: a transformer student with a learned linear perturbation, sgd on ``equation``
+        (a registry name or a short label such as ``is-8``)."""
+        name, options = parse_label(self.equation)
+        return PerturbationMethod(name=self.equation, equation=name, equation_options=options, network="transformer",
+                                  transformer=dict(self.transformer), sgd=dict(self.sgd))
+
 
 def overparameterised_settings(context: CheckContext) -> OverparameterisedSettings:
+    """Read the study's parameters from ``context``; ValueError when the student is not over-parameterised."""
     design = context.param("design", "five-token")
-    if design not in DESIGNS:
-        raise ValueError(f"--set design={design!r} is unknown; allowed: {', '.join(DESIGNS)}")
-    base = {**_CTOR_DEFAULTS, **{k: v for k, v in DESIGNS[design].items() if k != "n"}}
-    options = {key: context.param(key, base[key]) for key in DGM_KEYS}
+    options = dgm_settings(context, design)
     transformer = TransformerConfig(n_layer=context.param("n_layer", 1, 2), n_head=context.param("n_head", 2, 4),
                                     n_embd=context.param("n_embd", 32, 64),
                                     max_len=max(16, options["prefix_len"] + options["observations"] - 1))
     equation = context.param("equation", "ps-exact")
-    make_equation(equation)  # validates the name now
+    parse_label(equation)  # validates the name now
     sgd = SGDConfig(lr=context.param("lr", 0.003), passes=context.param("passes", 20.0, 50.0),
                     batch_size=context.param("batch_size", 256), min_steps=context.param("min_steps", 60, 200),
                     max_steps=context.param("max_steps", 20000), eval_every=context.param("eval_every", 30, 100))
-    n_grid = tuple(sorted({int(n) for n in _list(context.param("n", [125, 500, 1250],
-                                                                [250, 500, 1000, 2000, 4000]))}))
+    n_grid = tuple(sorted({int(n) for n in comma_list(context.param("n", [125, 500, 1250],
+                                                                     [250, 500, 1000, 2000, 4000]))}))
     if len(n_grid) < 2 or n_grid[0] < 20:
         raise ValueError(f"--set n={','.join(map(str, n_grid))} is invalid; allowed: at least two sizes >= 20")
     replicates = context.param("replicates", 3, 10)
@@ -94,6 +100,7 @@ def overparameterised_settings(context: CheckContext) -> OverparameterisedSettin
         design=design, dgm=tuple(sorted(options.items())), transformer=tuple(sorted(asdict(transformer).items())),
         equation=equation, sgd=tuple(sorted(asdict(sgd).items())), n_grid=n_grid, replicates=replicates,
         study_seed=context.param("study_seed", 20240606))
+    settings.method()  # validates the equation's options and the sgd settings now, not inside a replicate
     min_ratio = context.param("min_ratio", 10.0)
     params = transformer.num_parameters(vocab_size=options["vocab_size"], embed_dim=options["embed_dim"])
     params += options["prefix_len"] * options["embed_dim"] * options["latent_dim"]  # the perturbation A
@@ -104,30 +111,14 @@ def overparameterised_settings(context: CheckContext) -> OverparameterisedSettin
     return settings
 
 
-def _dgm(settings: OverparameterisedSettings) -> PerturbedNextToken:
-    """The design's DGM, from the asymptotic checks' per-process cache (same settings shape)."""
-    return make_dgm(settings)
-
-
-def _generate(cond: dict, rng: np.random.Generator, *, settings: OverparameterisedSettings) -> dict:
-    data = _dgm(settings).sample(int(cond["n"]), rng)
-    x, y = data.tensors()
-    return {"x": x, "y": y, "student_seed": int(rng.integers(2**31 - 1))}
-
-
-def _analyse(data: dict, cond: dict, *, settings: OverparameterisedSettings) -> dict:
-    """Fit the transformer student by SGD and measure its marginal against the truth."""
-    dgm = _dgm(settings)
-    student = dgm.make_student(network="transformer", transformer=dict(settings.transformer),
-                               seed=data["student_seed"], dtype=torch.float32)
-    config = SGDConfig(**dict(settings.sgd))
-    fit = fit_sgd(student, make_equation(settings.equation), data["x"], data["y"], config=config,
-                  generator=torch.Generator().manual_seed(data["student_seed"]))
-    prefixes = dgm.prefixes("all")
-    distance = dgm.distance(prefixes)
-    evaluation = metrics.evaluate_marginals(student, prefixes=prefixes, truth=dgm.exact_marginal(prefixes),
-                                            distance=distance, in_support=distance == 0)
-    out = {k: v for k, v in evaluation.metrics().items() if k in ("kl_id", "kl_oos", "tv_id", "tv_oos")}
+def _analyse(data: ReplicateData, cond: dict, *, settings: OverparameterisedSettings) -> dict:
+    """Fit the transformer student by SGD (:func:`simstudy.domain.fit_student`) and measure its marginal
+    against the truth (:func:`simstudy.domain.evaluate_student`)."""
+    method = settings.method()
+    student = data.dgm.make_student(seed=data.student_seed, dtype=torch.float32, **method.student_options())
+    fit = fit_student(student, method, data.x, data.y, seed=data.student_seed)
+    evaluation = evaluate_student(student, data, recovery=False)
+    out = {k: evaluation[k] for k in REGION_METRICS}
     n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
     out.update(n_parameters=float(n_params), parameters_per_datum=n_params / int(cond["n"]),
                fit_steps=float(fit.stats["steps"]), fit_best_step=float(fit.stats["best_step"]),
@@ -136,7 +127,9 @@ def _analyse(data: dict, cond: dict, *, settings: OverparameterisedSettings) -> 
 
 
 def build_study(settings: OverparameterisedSettings) -> Study:
-    return Study(design={"n": list(settings.n_grid)}, generate=functools.partial(_generate, settings=settings),
+    """n grid x one method x replicates; a fresh draw of the data and of the student's initialisation each."""
+    return Study(design={"n": list(settings.n_grid)},
+                 generate=make_generate({"design": settings.design, **settings.dgm_options()}),
                  analyse={settings.equation: functools.partial(_analyse, settings=settings)},
                  replicates=settings.replicates, seed=settings.study_seed, name="overparameterised",
                  options={"description": "transformer student by SGD (DESIGN §6.6)"})
@@ -147,8 +140,7 @@ def _rate_figure(rates: dict, path: Path, params: float) -> str:
     axes = fig.subplots(1, len(rates))
     for ax, (label, rate) in zip(np.atleast_1d(axes), rates.items()):
         rate_plot(rate, ax=ax, title=f"{label} KL, transformer with {int(params)} parameters (bars +-1.96 MCSE)")
-    fig.savefig(path, dpi=120)
-    return str(path)
+    return saved(fig, path)
 
 
 @register("overparameterised", OVERPARAMETERISED_CLAIM)
@@ -157,13 +149,13 @@ def run_overparameterised(context: CheckContext) -> CheckResult:
     name = "overparameterised"
     settings = overparameterised_settings(context)
     study = build_study(settings)
-    store = Path(context.out) / "studies" / f"{name}-{study.config_hash[:12]}"
+    store = study_store(Path(context.out) / "studies", name, study)
     result: StudyResult = context.record(study.run(n_jobs=context.n_jobs, store=store, progress=False))
     folder = context.folder(name)
     rate_id = result.rate("kl_id", x="n", by=["method"])
     rate_oos = result.rate("kl_oos", x="n", by=["method"])
     fit, fit_oos = rate_id.fits.iloc[0], rate_oos.fits.iloc[0]
-    ok = result.table[result.table["status"] == "ok"]
+    ok = ok_rows(result)
     params = float(ok["n_parameters"].iloc[0]) if len(ok) else math.nan
     holds = bool(np.isfinite(fit["slope_high"]) and fit["slope_high"] < 0)
     means = pd.concat([mean_table(result, m).assign(metric=m) for m in ("kl_id", "kl_oos")], ignore_index=True)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..validation import check_int, is_integer, is_real
+
 __all__ = ["ENGRESSION_HINT", "PeerUnavailable", "EngressionConfig", "engression_available", "fit_engression",
            "engression_marginal", "multinomial_kl"]
 
@@ -75,12 +77,10 @@ class EngressionConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layer", "hidden_dim", "num_epochs", "sample_size", "chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
-        if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
+            check_int(name, getattr(self, name), 1)
+        if self.batch_size is not None and not (is_integer(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"batch_size={self.batch_size!r} is invalid; allowed: None or an integer >= 1")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not (is_real(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} is invalid; allowed: a float > 0")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..engine.report import markdown_table
 from .base import CHECKS, CheckContext, run_check
 
 EXIT_FAIL, EXIT_USAGE = 1, 2
@@ -69,20 +70,6 @@ def main_check(name: str, *, scale: str = "smoke", out: str | Path = "results/ch
     return EXIT_FAIL if failed else 0
 
 
-def _markdown_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
-    frame = frame.head(max_rows)
-    cols = list(frame.columns)
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def read_findings(path: Path) -> dict[str, str]:
     """The hand-written investigation per check: the sections ``## NAME`` of ``path`` (markdown),
     keyed by NAME; the text before the first section is ignored. Missing file: no findings."""
@@ -138,7 +125,7 @@ def write_results_page(out: Path, page: Path, *, command: str | None = None,
         for table in r.get("tables", []):
             path = out / r["name"] / f"{table}.csv"
             if path.exists():
-                lines += [f"*{table}*", "", _markdown_table(pd.read_csv(path)), ""]
+                lines += [f"*{table}*", "", markdown_table(pd.read_csv(path), max_rows=60), ""]
         for fig in r.get("figures", []):
             src = Path(fig)
             if not src.is_absolute() and not src.exists():

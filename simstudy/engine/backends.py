@@ -1,6 +1,6 @@
 """Execution backends: in-process, loky processes, dask.distributed (DESIGN §7).
 
-All backends run the same pure task, :func:`simstudy.engine.study._run_batch`,
+All backends run the same pure task, :func:`simstudy.engine.worker.run_batch`,
 on chunks of items ``(condition, replicate, method indices)`` and hand the
 finished rows back to the calling process, which stores them. Results never
 depend on the backend, the worker count or the chunking: every item draws
@@ -34,6 +34,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 
+from .worker import run_batch
+
 __all__ = ["execute"]
 
 #: Environment of loky workers: one BLAS/OpenMP thread from the start (see seeds.single_threaded).
@@ -58,7 +60,6 @@ def _run_chunk(key: str, blob: bytes, items: Sequence[tuple], sys_path: Sequence
     """
     import sys
 
-    from .study import _run_batch
 
     payload = _CACHE.get(key)
     if payload is None:
@@ -69,15 +70,14 @@ def _run_chunk(key: str, blob: bytes, items: Sequence[tuple], sys_path: Sequence
         _CACHE.clear()
         payload = _CACHE[key] = cloudpickle.loads(blob)
     t0 = time.perf_counter()
-    rows = _run_batch(payload, items)
+    rows = run_batch(payload, items)
     return rows, time.perf_counter() - t0
 
 
 def _run_chunk_dask(payload, items: Sequence[tuple]) -> tuple[list, float]:
-    from .study import _run_batch
 
     t0 = time.perf_counter()
-    rows = _run_batch(payload, items)
+    rows = run_batch(payload, items)
     return rows, time.perf_counter() - t0
 
 
@@ -116,7 +116,7 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
 
     Parameters
     ----------
-    payload : simstudy.engine.study._Payload
+    payload : simstudy.engine.worker.Payload
         Callables, conditions and seed.
     items : sequence of (int, int, tuple of int)
         (condition, replicate, method indices) to run.
@@ -140,7 +140,6 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
         Propagated after the workers have been stopped; every chunk that had
         finished is reported through ``on_rows`` first.
     """
-    from .study import _run_batch
 
     if backend == "dask":
         _execute_dask(payload, items, n_jobs=n_jobs, scheduler=scheduler, batch_size=batch_size,
@@ -149,7 +148,7 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
     workers = _cpu_count() if n_jobs == -1 else (n_jobs or 1)
     if workers == 1:
         for item in items:
-            on_rows(_run_batch(payload, [item]))
+            on_rows(run_batch(payload, [item]))
             on_items(1)
         return
     _execute_loky(payload, items, workers=workers, batch_size=batch_size, on_rows=on_rows, on_items=on_items,

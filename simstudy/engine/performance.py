@@ -34,6 +34,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .tidy import companion_columns
+
 __all__ = ["Measure", "mean", "bias", "empse", "mse", "rmse", "coverage", "be_coverage", "modse",
            "relerr_modse", "rel_efficiency", "power", "summarise", "MEASURES"]
 
@@ -225,7 +227,6 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
         truth get every applicable measure of :data:`MEASURES`; any other
         numeric column gets ``mean``.
     """
-    from .study import companion_columns
 
     if reference is not None and reference not in methods:
         raise ValueError(f"reference={reference!r} is invalid; allowed: one of {list(methods)}")

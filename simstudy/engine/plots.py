@@ -18,11 +18,13 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from .rates import RateResult
+from .storage import atomic_write_bytes
+from .tidy import companion_columns
 
-__all__ = ["rate_plot", "measure_plot", "bias_plot", "zip_plot", "extrapolation_plot", "make_figures",
+__all__ = ["COLORS", "save_figure", "rate_plot", "measure_plot", "bias_plot", "zip_plot", "extrapolation_plot", "make_figures",
            "condition_labels"]
 
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 
 
@@ -61,7 +63,7 @@ def rate_plot(rate: RateResult, ax=None, *, z: float = 1.96, title: str | None =
     fig, ax = _axes(ax)
     pts, fits = rate.points, rate.fits
     for i, (_, fit) in enumerate(fits.iterrows()):
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         mask = np.ones(len(pts), dtype=bool)
         for b in rate.by:
             mask &= (pts[b] == fit[b]).to_numpy()
@@ -150,7 +152,7 @@ def measure_plot(summary: pd.DataFrame, measure: str = "bias", estimand: str | N
         sm = s[s["method"] == m]
         xs = np.array([pos[c] for c in sm["condition"]], dtype=float) + (j - (len(methods) - 1) / 2) * width
         ax.errorbar(xs, sm["value"].to_numpy(float), yerr=z * sm["mcse"].fillna(0).to_numpy(float), fmt="o",
-                    capsize=3, ms=4, color=_COLORS[j % len(_COLORS)], label=m)
+                    capsize=3, ms=4, color=COLORS[j % len(COLORS)], label=m)
     if reference_line is not None:
         ax.axhline(reference_line, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(labels)))
@@ -194,7 +196,6 @@ def zip_plot(result, estimand: str = "estimate", *, conditions: Sequence[int] | 
     -------
     matplotlib.figure.Figure
     """
-    from .study import companion_columns
 
     truths = result.truths
     n_est = len({k for t in truths for k in t})
@@ -287,7 +288,7 @@ def extrapolation_plot(frame: pd.DataFrame, metric: str, *, distance: str = "dis
     for j, m in enumerate(dict.fromkeys(agg[method])):
         a = agg[agg[method] == m].sort_values(distance)
         ax.errorbar(a[distance].to_numpy(float), a["mean"].to_numpy(float), yerr=z * a["mcse"].fillna(0).to_numpy(),
-                    fmt="-o", capsize=3, ms=4, color=_COLORS[j % len(_COLORS)], label=str(m))
+                    fmt="-o", capsize=3, ms=4, color=COLORS[j % len(COLORS)], label=str(m))
     ax.set_xlabel(xlabel or distance)
     ax.set_ylabel(f"mean {metric}")
     ax.set_title(title or f"{metric} by {distance} (bars: +-{z:g} MCSE)", fontsize=10)
@@ -296,8 +297,15 @@ def extrapolation_plot(frame: pd.DataFrame, metric: str, *, distance: str = "dis
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (a kill mid-write never leaves a torn file); the format is the
+    path's suffix (``.png``, ``.svg``, ``.pdf``). Returns the path."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=(path.suffix[1:] or "png"))
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -330,7 +338,6 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
     list of (str, Path)
         Title and file of each figure written.
     """
-    from .study import companion_columns
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -340,25 +347,25 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
     estimands = list(dict.fromkeys(summary.loc[summary["measure"] == "bias", "estimand"]))
     for e in estimands:
         fig = bias_plot(summary, e, factors=result.factors)
-        out.append((f"Bias of {e}", _save(fig, outdir / f"bias_{e}.png")))
+        out.append((f"Bias of {e}", save_figure(fig, outdir / f"bias_{e}.png")))
         if ((summary["estimand"] == e) & (summary["measure"] == "coverage")).any():
             fig = measure_plot(summary, "coverage", e, factors=result.factors, reference_line=level)
-            out.append((f"Coverage of {e}", _save(fig, outdir / f"coverage_{e}.png")))
+            out.append((f"Coverage of {e}", save_figure(fig, outdir / f"coverage_{e}.png")))
             n_est = len({k for t in result.truths for k in t})
             if {"ci_low", "ci_high"} <= set(companion_columns(e, result.table.columns, n_est)):
                 fig = zip_plot(result, e, level=level)
-                out.append((f"Zip plot of {e}", _save(fig, outdir / f"zip_{e}.png")))
+                out.append((f"Zip plot of {e}", save_figure(fig, outdir / f"zip_{e}.png")))
     metrics = [m for m in dict.fromkeys(summary.loc[summary["measure"] == "mean", "estimand"]) if m not in estimands]
     headline = result.options.get("headline")
     if headline:  # the study names the metrics that matter; plot those, in that order
         metrics = [m for m in headline if m in metrics]
     for m in metrics[:max_metrics]:
         fig = measure_plot(summary, "mean", m, factors=result.factors)
-        out.append((f"Mean of {m}", _save(fig, outdir / f"mean_{m}.png")))
+        out.append((f"Mean of {m}", save_figure(fig, outdir / f"mean_{m}.png")))
     rates = result.rates() if rates is None else rates
     for i, r in enumerate(rates):
         fig = rate_plot(r)
-        out.append((f"Rate of {r.metric} in {r.x}", _save(fig, outdir / f"rate_{i}_{_slug(r.metric)}.png")))
+        out.append((f"Rate of {r.metric} in {r.x}", save_figure(fig, outdir / f"rate_{i}_{_slug(r.metric)}.png")))
     from .callables import resolve_callable
 
     for hook in result.options.get("figures", []):

@@ -18,6 +18,7 @@ from . import performance
 from .design import conditions_frame
 from .rates import RateResult, fit_rate
 from .storage import MANIFEST, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
+from .tidy import finalise
 
 __all__ = ["StudyResult"]
 
@@ -238,10 +239,9 @@ class StudyResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StudyResult":
         """Read a directory written by :meth:`save` or by a stored run (complete or not)."""
-        from .study import _finalise
 
         manifest = read_manifest(path)
-        fin = _finalise(read_rows(path), manifest["conditions"], list(manifest["methods"]),
+        fin = finalise(read_rows(path), manifest["conditions"], list(manifest["methods"]),
                         manifest.get("truths") or [{}] * len(manifest["conditions"]))
         return cls(fin.table, manifest=manifest, timings=fin.timings)
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from .errors import StoreBusyError, StoreMismatchError
 
-__all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "read_rows", "atomic_write_text",
+__all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "read_rows", "atomic_write_text", "atomic_write_bytes",
            "atomic_write_parquet", "MANIFEST", "TABLE", "KEY"]
 
 MANIFEST = "manifest.json"
@@ -104,6 +104,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + os.replace)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 

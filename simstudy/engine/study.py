@@ -11,181 +11,27 @@ performance measures with Monte Carlo standard errors can be computed by
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import math
-import numbers
 import os
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import backends
 from . import seeds as _seeds
-from .design import RESERVED_COLUMNS, conditions_frame, expand_design, factor_names
-from .storage import KEY, MANIFEST, Store, callable_fingerprint, config_hash, read_manifest, read_rows
+from .design import RESERVED_COLUMNS, expand_design, factor_names
+from .result import StudyResult
+from .extension import import_other_counts, smaller_versions
+from .storage import Store, callable_fingerprint, config_hash
+from .tidy import finalise, raw_frame
+from .worker import Payload, run_batch, to_value, wants_rng
 
-__all__ = ["Study", "run_replicate"]
-
-_MESSAGE_MAX = 500
-
-
-# ------------------------------------------------------------------------------------------------------------
-# What travels to the workers
-# ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Payload:
-    """Everything a worker needs to run replicates (pickled with cloudpickle)."""
-
-    generate: Callable
-    methods: tuple  # ((name, fn, wants_rng), ...)
-    conditions: tuple  # (dict, ...)
-    seed: int
-    factors: frozenset
-    seed_torch: bool | None
-    copy_data: bool
-
-
-def _wants_rng(fn: Callable) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "rng" in params
-
-
-def _where(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    if not tb:
-        return ""
-    frame = tb[-1]
-    return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
-
-
-def _message(exc: BaseException, stage: str = "") -> str:
-    text = f"{stage}{type(exc).__name__}: {exc}{_where(exc)}"
-    return text if len(text) <= _MESSAGE_MAX else text[:_MESSAGE_MAX - 3] + "..."
-
-
-def _status_of(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    if isinstance(status, str) and status and status != "ok":
-        return status
-    return "error"
-
-
-def _to_value(v: Any) -> Any:
-    """Convert one returned value to float or str; raise TypeError otherwise."""
-    if v is None:
-        return math.nan
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (bool, np.bool_)):
-        return float(v)
-    if isinstance(v, numbers.Real):
-        return float(v)
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return _to_value(v.reshape(()).item())
-    if hasattr(v, "item") and hasattr(v, "numel") and v.numel() == 1:  # torch tensor, no torch import
-        return _to_value(v.item())
-    raise TypeError(f"value of type {type(v).__name__} is unsupported; allowed: a real scalar, bool, str or None")
-
-
-def _convert(out: Any, factors: frozenset) -> tuple[str, str, dict]:
-    """Turn a method's return value into (status, message, values)."""
-    if isinstance(out, pd.Series):
-        out = out.to_dict()
-    if not isinstance(out, Mapping):
-        if isinstance(out, (numbers.Real, np.ndarray, str)) or hasattr(out, "numel") or out is None:
-            out = {"value": out}
-        else:
-            return "error", f"returned {type(out).__name__}; allowed: a dict of named scalars or one scalar", {}
-    values: dict[str, Any] = {}
-    for k, v in out.items():
-        if not isinstance(k, str) or not k or k in RESERVED_COLUMNS or k in factors or k.startswith("_"):
-            return "error", (f"returned key {k!r}; allowed: a non-empty string not starting with '_', not in "
-                             f"{list(RESERVED_COLUMNS)} and not a design factor"), {}
-        try:
-            values[k] = _to_value(v)
-        except TypeError as exc:
-            return "error", f"returned {k}: {exc}", {}
-    bad = [k for k, v in values.items() if isinstance(v, float) and math.isnan(v)]
-    if bad:
-        return "nan", "NaN in: " + ", ".join(bad), values
-    return "ok", "", values
-
-
-def _call(payload: _Payload, fn: Callable, seed_args: tuple, make_args: Callable[[], tuple],
-          kwargs: Callable[[], dict]) -> Any:
-    """Call ``fn`` with torch seeded from ``seed_args``.
-
-    With ``seed_torch=None`` a call that imports torch for the first time in
-    this process ran unseeded; it is run once more, now seeded and pinned to
-    one thread, so that the row does not depend on which replicate happened
-    to import torch in which worker.
-    """
-    auto = payload.seed_torch is None
-    loaded = "torch" in sys.modules
-    if payload.seed_torch is not False:
-        _seeds.seed_torch_if_loaded(*seed_args, force=bool(payload.seed_torch))
-    out = fn(*make_args(), **kwargs())
-    if auto and not loaded and "torch" in sys.modules:
-        _seeds.pin_torch_threads()
-        _seeds.seed_torch_if_loaded(*seed_args)
-        out = fn(*make_args(), **kwargs())
-    return out
-
-
-def _run_one(payload: _Payload, c: int, r: int, method_indices: Sequence[int]) -> list[dict]:
-    """Run the listed methods on replicate ``r`` of condition ``c``; one row per method."""
-    seed = payload.seed
-    cond = dict(payload.conditions[c])
-    rows = []
-    t0 = time.perf_counter()
-    try:
-        data = _call(payload, payload.generate, (seed, c, r, None),
-                     lambda: (dict(cond), _seeds.replicate_rng(seed, c, r)), dict)
-        failure = None
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded, never raised (DESIGN §7)
-        failure = (_status_of(exc), _message(exc, "generate: "))
-    gen_seconds = time.perf_counter() - t0
-    last = len(method_indices) - 1
-    for pos, m in enumerate(method_indices):
-        name, fn, wants_rng = payload.methods[m]
-        row = {"condition": c, "replicate": r, "method": name}
-        if failure is not None:
-            row.update(status=failure[0], message=failure[1], _seconds=0.0)
-            rows.append(row)
-            continue
-        t1 = time.perf_counter()
-        # Methods must all see the same data, also on resume where only some run: copy for all but the last.
-        copy_it = payload.copy_data and pos < last
-        try:
-            out = _call(payload, fn, (seed, c, r, m),
-                        lambda: (copy.deepcopy(data) if copy_it else data, dict(cond)),
-                        (lambda: {"rng": _seeds.method_rng(seed, c, r, m)}) if wants_rng else dict)
-            status, message, values = _convert(out, payload.factors)
-        except Exception as exc:  # noqa: BLE001
-            status, message, values = _status_of(exc), _message(exc), {}
-        row.update(status=status, message=message, _seconds=time.perf_counter() - t1 + gen_seconds)
-        row.update(values)
-        rows.append(row)
-    return rows
-
-
-def _run_batch(payload: _Payload, items: Sequence[tuple[int, int, tuple]]) -> list[dict]:
-    """Run a batch of (condition, replicate, method indices) items with one thread each."""
-    rows: list[dict] = []
-    with _seeds.single_threaded(force_torch=bool(payload.seed_torch)):
-        for c, r, ms in items:
-            rows.extend(_run_one(payload, c, r, ms))
-    return rows
+__all__ = ["Study"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -221,12 +67,22 @@ def _normalise_methods(analyse: Any) -> dict[str, Callable]:
 
 def _check_truth_value(name: str, value: Any, cond_index: int) -> float:
     try:
-        v = _to_value(value)
+        v = to_value(value)
     except TypeError:
         v = None
     if not isinstance(v, float) or math.isnan(v):
         raise ValueError(f"truth(condition {cond_index})[{name!r}]={value!r} is invalid; allowed: a real number")
     return v
+
+
+def _package_version() -> str:
+    """The installed distribution's version (the engine imports nothing above itself)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simstudy")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Study:
@@ -354,9 +210,7 @@ class Study:
 
     def manifest(self) -> dict:
         """The JSON description stored with the results."""
-        from .. import __version__
-
-        return {"format": 1, "simstudy_version": __version__, "name": self.name, "config_hash": self.config_hash,
+        return {"format": 1, "simstudy_version": _package_version(), "name": self.name, "config_hash": self.config_hash,
                 "seed": self.seed, "replicates": self.replicates, "methods": list(self.methods),
                 "factors": self.factors, "conditions": self.conditions, "truths": self.truths(),
                 "options": self.options}
@@ -365,68 +219,19 @@ class Study:
         return config_hash(conditions=self.conditions, methods=list(self.methods), replicates=replicates,
                            seed=self.seed, fingerprint=self.fingerprint)
 
-    def _smaller_versions(self, store) -> tuple[str, ...]:
-        """The config hash in ``store`` if it holds this study with fewer replicates (then it is extended)."""
-        try:
-            old = read_manifest(store)
-            count = int(old["replicates"])
-        except (ValueError, KeyError, TypeError):
-            return ()
-        if count < self.replicates and old.get("config_hash") == self._at_count(count):
-            return (old["config_hash"],)
-        return ()
-
-    def _import_other_counts(self, st: Store) -> None:
-        """Seed an empty store with the rows of the same study run at another replicate count.
-
-        Replicate ``r`` is keyed by its position (DESIGN §7), so its rows do not
-        depend on how many replicates the study has: a study extended from 6 to
-        20 replicates need only compute replicates 6-19. A sibling directory
-        (same parent as ``st``) qualifies when its stored config hash equals
-        this study's hash recomputed at the sibling's replicate count, i.e.
-        design, methods, seed and fingerprint all agree. Its rows with
-        ``replicate < self.replicates`` are copied into one chunk and the
-        source is recorded in the manifest under ``"imported"``.
-        """
-        if st.manifest.get("complete") or len(st.rows()):
-            return
-        imported, seen = [], set()  # seen: keys copied so far (two siblings may overlap: the first wins)
-        for other in sorted(st.path.parent.glob(f"*/{MANIFEST}")):
-            folder = other.parent
-            if folder.resolve() == st.path.resolve():
-                continue
-            try:
-                old = read_manifest(folder)
-                count = int(old["replicates"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if count == self.replicates or old.get("config_hash") != self._at_count(count):
-                continue
-            rows = read_rows(folder)
-            rows = rows[rows["replicate"].astype(int) < self.replicates]
-            keys = list(zip(*(rows[k] for k in KEY)))
-            rows = rows[[k not in seen for k in keys]]
-            seen.update(keys)
-            if len(rows):
-                st.write_chunk(rows.reset_index(drop=True))
-                imported.append({"store": str(folder), "replicates": count, "rows": int(len(rows))})
-        if imported:
-            st.manifest["imported"] = imported
-            st.write_manifest()
-
     def __repr__(self) -> str:
         return (f"Study(name={self.name!r}, conditions={len(self.conditions)}, methods={list(self.methods)}, "
                 f"replicates={self.replicates}, seed={self.seed})")
 
-    def _payload(self) -> _Payload:
+    def _payload(self) -> Payload:
         # seed_torch=None: if this process has loaded torch the study very likely uses it, so make every worker
         # import and seed it before the first replicate (a lazy import inside a method would otherwise leave the
         # first replicate of each worker unseeded); otherwise workers seed torch only if they have loaded it.
         seed_torch = self.seed_torch
         if seed_torch is None and "torch" in sys.modules:
             seed_torch = True
-        return _Payload(generate=self.generate,
-                        methods=tuple((k, f, _wants_rng(f)) for k, f in self.methods.items()),
+        return Payload(generate=self.generate,
+                        methods=tuple((k, f, wants_rng(f)) for k, f in self.methods.items()),
                         conditions=tuple(self.conditions), seed=self.seed, factors=frozenset(self.factors),
                         seed_torch=seed_torch, copy_data=self.copy_data)
 
@@ -456,8 +261,8 @@ class Study:
         for m in chosen:
             if m not in self.methods:
                 raise ValueError(f"method={m!r} is invalid; allowed: one of {names}")
-        rows = _run_batch(self._payload(), [(condition, replicate, tuple(names.index(m) for m in chosen))])
-        return _finalise(pd.DataFrame(rows), self.conditions, names, self.truths()).table
+        rows = run_batch(self._payload(), [(condition, replicate, tuple(names.index(m) for m in chosen))])
+        return finalise(pd.DataFrame(rows), self.conditions, names, self.truths()).table
 
     def _check_position(self, condition: int, replicate: int) -> None:
         if not (isinstance(condition, (int, np.integer)) and 0 <= condition < len(self.conditions)):
@@ -503,9 +308,6 @@ class Study:
             stops cleanly, keeps (and stores) every finished row, warns, and
             returns a partial result with ``interrupted=True``.
         """
-        from .backends import execute
-        from .result import StudyResult
-
         if backend not in ("loky", "dask"):
             raise ValueError(f"backend={backend!r} is invalid; allowed: 'loky' or 'dask'")
         if scheduler is not None and backend != "dask":
@@ -520,10 +322,10 @@ class Study:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: None or an integer >= 1")
         names = list(self.methods)
         manifest = self.manifest()
-        st = Store(store, manifest, extends=self._smaller_versions(store)).open() if store is not None else None
+        st = Store(store, manifest, extends=smaller_versions(store, self.replicates, self._at_count)).open() if store is not None else None
         try:
             if st is not None:
-                self._import_other_counts(st)
+                import_other_counts(st, self.replicates, self._at_count)
             stored = st.rows() if st is not None else None
             done: dict[tuple[int, int], set] = {}
             if stored is not None and len(stored):
@@ -543,7 +345,7 @@ class Study:
 
             def flush() -> None:
                 if st is not None and buffer:
-                    st.write_chunk(_raw_frame(buffer))
+                    st.write_chunk(raw_frame(buffer))
                     buffer.clear()
                 last_flush[0] = time.monotonic()
 
@@ -562,7 +364,7 @@ class Study:
                 bar = tqdm(total=len(items), disable=not show, unit="rep", desc=self.name, file=sys.stderr,
                            dynamic_ncols=True, smoothing=0.05)
                 try:
-                    execute(self._payload(), items, n_jobs=n_jobs, backend=backend, scheduler=scheduler,
+                    backends.execute(self._payload(), items, n_jobs=n_jobs, backend=backend, scheduler=scheduler,
                             batch_size=batch_size, on_rows=on_rows, on_items=bar.update)
                 except KeyboardInterrupt:
                     interrupted = True
@@ -571,10 +373,10 @@ class Study:
                     flush()
             raw = [stored] if stored is not None and len(stored) else []
             if new_rows:
-                raw.append(_raw_frame(new_rows))
-            raw_frame = (pd.concat(raw, ignore_index=True, sort=False) if len(raw) > 1 else
-                         raw[0] if raw else _raw_frame([]))
-            fin = _finalise(raw_frame, self.conditions, names, self.truths())
+                raw.append(raw_frame(new_rows))
+            all_rows = (pd.concat(raw, ignore_index=True, sort=False) if len(raw) > 1 else
+                        raw[0] if raw else raw_frame([]))
+            fin = finalise(all_rows, self.conditions, names, self.truths())
             expected = len(self.conditions) * self.replicates * len(names)
             complete = len(fin.table) == expected
             if st is not None and complete and (items or not st.manifest.get("complete")):
@@ -592,96 +394,3 @@ class Study:
         finally:
             if st is not None:
                 st.close()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Raw rows -> tidy table
-# ------------------------------------------------------------------------------------------------------------
-def _raw_frame(rows: list[dict]) -> pd.DataFrame:
-    if not rows:
-        return pd.DataFrame({"condition": pd.Series(dtype="int64"), "replicate": pd.Series(dtype="int64"),
-                             "method": pd.Series(dtype="str"), "status": pd.Series(dtype="str"),
-                             "message": pd.Series(dtype="str"), "_seconds": pd.Series(dtype="float64")})
-    return pd.DataFrame(rows)
-
-
-def companion_columns(estimand: str, columns, n_estimands: int) -> dict[str, str]:
-    """Columns holding the standard error, interval limits and p-value of an estimand.
-
-    ``est_se``, ``est_ci_low``, ``est_ci_high``, ``est_pvalue`` if present;
-    otherwise the bare ``se``, ``ci_low``, ``ci_high``, ``pvalue`` when the
-    estimand is called ``"estimate"`` or is the only one.
-    """
-    cols = set(columns)
-    out = {}
-    for part in ("se", "ci_low", "ci_high", "pvalue"):
-        if f"{estimand}_{part}" in cols:
-            out[part] = f"{estimand}_{part}"
-        elif (estimand == "estimate" or n_estimands == 1) and part in cols:
-            out[part] = part
-    return out
-
-
-@dataclass
-class _Final:
-    table: pd.DataFrame
-    raw: pd.DataFrame
-    timings: pd.DataFrame
-
-
-def _finalise(raw: pd.DataFrame, conditions: list[dict], methods: list[str], truths: list[dict]) -> _Final:
-    """Deduplicate, sort and type the raw rows; add condition columns.
-
-    The result depends only on the set of rows, never on arrival order, so
-    tables are bitwise identical across backends and worker counts.
-    """
-    raw = raw.drop_duplicates(subset=KEY, keep="first")
-    order = {m: i for i, m in enumerate(methods)}
-    midx = raw["method"].map(order).to_numpy()
-    raw = raw.assign(_m=midx).sort_values(["condition", "replicate", "_m"], kind="mergesort")
-    raw = raw.drop(columns="_m").reset_index(drop=True)
-    raw["condition"] = raw["condition"].astype("int64")
-    raw["replicate"] = raw["replicate"].astype("int64")
-    for col in ("method", "status", "message"):
-        raw[col] = raw[col].fillna("").astype("str")
-    if "_seconds" not in raw:
-        raw["_seconds"] = np.nan
-    raw["_seconds"] = raw["_seconds"].astype("float64")
-    fixed = {"condition", "replicate", "method", "status", "message", "_seconds"}
-    value_cols = [c for c in raw.columns if c not in fixed]
-    for col in value_cols:
-        s = raw[col]
-        if pd.api.types.is_numeric_dtype(s) or s.isna().all():
-            raw[col] = s.astype("float64")
-        else:
-            raw[col] = s.astype("object").where(s.notna(), None)
-    estimands = []
-    for t in truths:
-        for k in t:
-            if k not in estimands:
-                estimands.append(k)
-    ordered: list[str] = []
-    for e in estimands:
-        if e in value_cols:
-            ordered.append(e)
-            for part, col in companion_columns(e, value_cols, len(estimands)).items():
-                if col not in ordered:
-                    ordered.append(col)
-    ordered += sorted(c for c in value_cols if c not in ordered)
-    cond = conditions_frame(conditions)
-    factors = [c for c in cond.columns if c != "condition"]
-    idx = raw["condition"].to_numpy()
-    table = pd.DataFrame({"condition": raw["condition"]})
-    for f in factors:
-        table[f] = cond[f].to_numpy()[idx] if len(idx) else cond[f].iloc[:0].to_numpy()
-        table[f] = table[f].astype(cond[f].dtype)
-    for col in ["replicate", "method", "status", "message"] + ordered:
-        table[col] = raw[col]
-    timings = raw[["condition", "replicate", "method", "_seconds"]].rename(columns={"_seconds": "seconds"})
-    raw = raw[["condition", "replicate", "method", "status", "message", "_seconds"] + ordered]
-    return _Final(table=table, raw=raw, timings=timings)
-
-
-def run_replicate(study: Study, condition: int, replicate: int) -> pd.DataFrame:
-    """Functional alias of :meth:`Study.run_replicate`."""
-    return study.run_replicate(condition, replicate)

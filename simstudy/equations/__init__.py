@@ -15,12 +15,13 @@
 | aug      | Augmentation        | grad log m - grad KL(prior, posterior)      |
 | mle      | MLE                 | grad log p of the unperturbed model         |
 
-``make_equation("is-8")`` is shorthand for ``make_equation("is-K", num_draws=8)``.
+``make_equation("is-8")`` is shorthand for ``make_equation("is-K", num_draws=8)``; likewise ``q2-K8`` and
+``ps-mh-B20`` (:func:`parse_label`). Facts about each equation (its audit expectation, exact root
+objective, default LLM scope, label form) are class attributes of its class (:class:`Equation`).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from .audit import AuditResult, gradient_audit
 from .base import (SCOPES, Equation, EquationOutput, quadrature_divergences, quadrature_log_marginal,
@@ -41,19 +42,33 @@ EQUATIONS: dict[str, type[Equation]] = {
 }
 
 
+def parse_label(label: str) -> tuple[str, dict]:
+    """A method label -> ``(registry name, options)``: ``"ps-exact"`` -> ``("ps-exact", {})``,
+    ``"is-8"`` -> ``("is-K", {"num_draws": 8})``, ``"q2-K8"`` -> ``("q2", {"num_draws": 8})``,
+    ``"ps-mh-B20"`` -> ``("ps-mh", {"steps": 20})``. Each equation parses its own labels
+    (:meth:`Equation.parse_label`); an unknown label raises ValueError listing the forms."""
+    if isinstance(label, str):
+        if label in EQUATIONS:
+            return label, {}
+        for name, cls in EQUATIONS.items():
+            options = cls.parse_label(label)
+            if options is not None:
+                return name, options
+    forms = [cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern]
+    raise ValueError(f"equation={label!r} is unknown; allowed: {', '.join(EQUATIONS)} (or {', '.join(forms)}, "
+                     "e.g. is-8)")
+
+
 def make_equation(name: str, **options) -> Equation:
-    """Build an estimating equation by name with explicit keyword options.
+    """Build an estimating equation by name or short label with explicit keyword options.
 
     Unknown names and unknown or invalid options raise ValueError naming what is allowed.
     """
-    match = re.fullmatch(r"is-(\d+)", name) if isinstance(name, str) else None
-    if match and name not in EQUATIONS:
-        if "num_draws" in options:
-            raise ValueError(f"equation={name!r} fixes num_draws={match.group(1)}; do not pass num_draws again")
-        options = {**options, "num_draws": int(match.group(1))}
-        name = "is-K"
-    if name not in EQUATIONS:
-        raise ValueError(f"equation={name!r} is unknown; allowed: {', '.join(EQUATIONS)} (or is-<K>, e.g. is-8)")
+    name, fixed = parse_label(name)
+    clash = sorted(set(fixed) & set(options))
+    if clash:
+        raise ValueError(f"equation label fixes {clash[0]}={fixed[clash[0]]}; do not pass {clash[0]} again")
+    options = {**options, **fixed}
     cls = EQUATIONS[name]
     allowed = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(options) - set(allowed))
@@ -63,8 +78,13 @@ def make_equation(name: str, **options) -> Equation:
     return cls(**options)
 
 
+def equations_with(**facts) -> list[str]:
+    """Registry names of the equations whose class facts match, e.g. ``equations_with(root_objective="brier")``."""
+    return [name for name, cls in EQUATIONS.items() if all(getattr(cls, k) == v for k, v in facts.items())]
+
+
 __all__ = [
-    "EQUATIONS", "SCOPES", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
+    "EQUATIONS", "SCOPES", "equations_with", "parse_label", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
     "MLE", "PosteriorDraws", "PosteriorExact", "PosteriorMH", "Q2", "RejectionBudgetExceeded", "SUMO",
     "gradient_audit", "make_equation", "quadrature_divergences", "quadrature_log_marginal", "quadrature_log_probs",
     "quadrature_posterior_mean", "quadrature_token_log_lik",

@@ -25,7 +25,7 @@ of g for the unbiased equations, and the target the biased ones miss).
 """
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -49,27 +49,6 @@ class EquationOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-# ---- validation helpers -----------------------------------------------------------
-def check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) or value < minimum:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {minimum}")
-    return int(value)
-
-
-def check_positive(name: str, value: Any, *, strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number {'>' if strict else '>='} 0")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {', '.join(allowed)}")
-    return value
-
-
 def model_dtype(model) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     if isinstance(dtype, torch.dtype):
@@ -90,9 +69,44 @@ class Equation:
     objective by quadrature, with autograd).
     """
 
+    # ---- facts about the equation (DESIGN §3), read by every client; no table elsewhere repeats them ----
     name: ClassVar[str] = ""
     estimand: ClassVar[str] = ""
     scopes: ClassVar[tuple[str, ...]] = SCOPES
+    #: "unbiased" (mean of g is the gradient of its population objective), "biased", "mixing" (unbiased only
+    #: once the sampler has mixed: biased at small ``steps``), "spread" (unbiased in form, variance not finite:
+    #: its spread is reported, no Hotelling verdict) or "no latent" (nothing to audit). The unbiasedness
+    #: check's expected verdicts derive from it (DESIGN §6.1).
+    audit_expectation: ClassVar[str] = "biased"
+    #: The empirical objective whose root the exact solver finds (:func:`simstudy.fit.fit_exact`):
+    #: "likelihood", "brier" or "mle"; None when the equation has no exact root of its own.
+    root_objective: ClassVar[str | None] = None
+    #: The default latent scope on an LLM (DESIGN §2): "token" where g is a sum of per-token terms that one
+    #: forward pass serves, "datum" for posterior sampling.
+    llm_scope: ClassVar[str] = "datum"
+    #: Short labels: ``label_pattern`` (a regex with one integer group) sets the option ``label_option``;
+    #: e.g. is-K: ``is-(\d+)`` -> num_draws ("is-8"), ps-mh: ``ps-mh-B(\d+)`` -> steps ("ps-mh-B20").
+    label_pattern: ClassVar[str | None] = None
+    label_option: ClassVar[str | None] = None
+
+    @classmethod
+    def parse_label(cls, label: str) -> dict | None:
+        """The options a short label of this equation fixes (``{}`` for its bare name), None if not its label."""
+        if label == cls.name:
+            return {}
+        if cls.label_pattern is not None:
+            match = re.fullmatch(cls.label_pattern, label)
+            if match:
+                return {cls.label_option: int(match.group(1))}
+        return None
+
+    @classmethod
+    def label_of(cls, **options) -> str:
+        """The short label of this equation with ``options`` (inverse of :meth:`parse_label`)."""
+        value = options.get(cls.label_option) if cls.label_option else None
+        if value is None:
+            return cls.name
+        return cls.label_pattern.replace("(\\d+)", str(int(value)))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SCOPES, Equation, check_choice, check_int, check_positive, log_weights, prior_draws
+from ..validation import check_choice, check_int, check_positive
+from .base import SCOPES, Equation, log_weights, prior_draws
 from .. import draws
 
 
@@ -38,6 +39,11 @@ class ImportanceSampling(Equation):
     """
 
     name = "is-K"
+    audit_expectation = "biased"
+    root_objective = "likelihood"
+    llm_scope = "token"
+    label_pattern = r"is-(\d+)"
+    label_option = "num_draws"
     estimand = "mean log m(y | x) (the target; is-K's own mean is biased by -grad chi2 / (2K))"
 
     num_draws: int = 8
@@ -71,6 +77,8 @@ class Augmentation(Equation):
     """
 
     name = "aug"
+    audit_expectation = "biased"
+    llm_scope = "token"
     estimand = "mean log m(y | x) (the target; aug's own mean is grad[log m - KL(prior, posterior)])"
 
     num_draws: int = 1
@@ -134,6 +142,9 @@ class SUMO(Equation):
     """
 
     name = "sumo"
+    audit_expectation = "spread"
+    root_objective = "likelihood"
+    llm_scope = "token"
     estimand = "mean log m(y | x)"
 
     min_draws: int = 1

@@ -18,6 +18,8 @@ class MLE(Equation):
     """
 
     name = "mle"
+    audit_expectation = "no latent"
+    root_objective = "mle"
     estimand = "mean log p(y | x) of the unperturbed model (no latent)"
 
     scope: str = "datum"

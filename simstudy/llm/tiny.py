@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..validation import check_int
+
 #: stdlib files whose text trains the default tiny tokenizer (prose-heavy docstrings and code).
 LOCAL_TEXT_FILES = ("textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "heapq.py", "bisect.py",
                     "fractions.py", "statistics.py")
@@ -22,8 +24,7 @@ SPECIAL_TOKEN = "<|endoftext|>"
 
 def local_texts(*, max_chars: int = 200_000) -> list[str]:
     """Text of a fixed list of standard-library files (``LOCAL_TEXT_FILES``), at most ``max_chars`` in all."""
-    if max_chars < 1:
-        raise ValueError(f"max_chars={max_chars} is invalid; allowed: an integer >= 1")
+    check_int("max_chars", max_chars, 1)
     root = Path(sysconfig.get_paths()["stdlib"])
     texts, used = [], 0
     for name in LOCAL_TEXT_FILES:
@@ -75,8 +76,7 @@ def tiny_gpt2(*, vocab_size: int, n_positions: int = 512, n_embd: int = 32, n_la
 
     for name, value, low in (("vocab_size", vocab_size, 2), ("n_positions", n_positions, 2), ("n_embd", n_embd, 2),
                              ("n_layer", n_layer, 1), ("n_head", n_head, 1)):
-        if int(value) < low:
-            raise ValueError(f"{name}={value} is invalid; allowed: an integer >= {low}")
+        check_int(name, value, low)
     if not initializer_range > 0:
         raise ValueError(f"initializer_range={initializer_range} is invalid; allowed: a float > 0")
     if n_embd % n_head:

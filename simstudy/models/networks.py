@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_float, check_int
+
 NETWORKS = ("linear", "mlp", "transformer")
 CONTINUATIONS = ("iid", "autoregressive")
 
@@ -34,9 +36,9 @@ class Network(nn.Module):
 
     def __init__(self, *, vocab_size: int, prefix_len: int, embed_dim: int) -> None:
         super().__init__()
-        if vocab_size < 2:
-            raise ValueError(f"vocab_size={vocab_size} is invalid; allowed: an integer >= 2")
-        self.vocab_size, self.prefix_len, self.embed_dim = int(vocab_size), int(prefix_len), int(embed_dim)
+        self.vocab_size = check_int("vocab_size", vocab_size, 2)
+        self.prefix_len = check_int("prefix_len", prefix_len, 1)
+        self.embed_dim = check_int("embed_dim", embed_dim, 1)
         self.register_buffer("logit_scale", torch.tensor(1.0))
 
     def forward(self, prefix_embeds: torch.Tensor, continuation_embeds: torch.Tensor | None = None,
@@ -83,8 +85,7 @@ class MLPNetwork(WindowNetwork):
 
     def __init__(self, *, vocab_size: int, prefix_len: int, embed_dim: int, hidden: int = 16) -> None:
         super().__init__(vocab_size=vocab_size, prefix_len=prefix_len, embed_dim=embed_dim)
-        if hidden < 1:
-            raise ValueError(f"hidden={hidden} is invalid; allowed: an integer >= 1")
+        hidden = check_int("hidden", hidden, 1)
         self.hidden = nn.Linear(prefix_len * embed_dim, hidden)  # W1, b1
         self.head = nn.Linear(hidden, vocab_size)  # W2, b2
 
@@ -112,22 +113,12 @@ class TransformerConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on the input, attention weights and block outputs"})
     max_len: int = field(default=16, metadata={"help": "longest input sequence: prefix_len + continuation length - 1"})
 
-    @staticmethod
-    def check_int(name: str, value, minimum: int = 1) -> int:
-        """``value`` as an int; ValueError unless it is an integer (numpy ones too) >= ``minimum``."""
-        if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
-            raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {minimum}")
-        return int(value)
-
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "max_len"):
-            setattr(self, name, self.check_int(name, getattr(self, name)))
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is invalid; allowed: a multiple of n_head={self.n_head}")
-        p = self.dropout
-        if isinstance(p, (bool, str)) or not hasattr(p, "__float__") or not 0 <= float(p) < 1:
-            raise ValueError(f"dropout={p!r} is invalid; allowed: a float in [0, 1)")
-        self.dropout = float(p)
+        self.dropout = check_float("dropout", self.dropout, low=0.0, high=1.0)
 
     @property
     def head_size(self) -> int:
@@ -140,8 +131,8 @@ class TransformerConfig:
         (two LayerNorms 4 C, qkv 3 C^2 + 3 C, output projection C^2 + C, MLP 8 C^2 + 5 C),
         final LayerNorm 2 C, head C V + V.
         """
-        self.check_int("vocab_size", vocab_size, 2)
-        self.check_int("embed_dim", embed_dim)
+        check_int("vocab_size", vocab_size, 2)
+        check_int("embed_dim", embed_dim, 1)
         C = self.n_embd
         return ((embed_dim + 1) * C + self.max_len * C + self.n_layer * (12 * C * C + 13 * C)
                 + 2 * C + (C + 1) * vocab_size)
@@ -238,8 +229,6 @@ class TransformerNetwork(Network):
             config = TransformerConfig(**config)
         elif not isinstance(config, TransformerConfig):
             raise ValueError(f"config={config!r} is invalid; allowed: a TransformerConfig, a dict or None")
-        prefix_len = TransformerConfig.check_int("prefix_len", prefix_len)
-        TransformerConfig.check_int("embed_dim", embed_dim)
         if prefix_len > config.max_len:
             raise ValueError(f"prefix_len={prefix_len} is invalid; allowed: an integer <= max_len={config.max_len}")
         self.config = config

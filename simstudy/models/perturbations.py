@@ -19,7 +19,9 @@ import math
 
 import torch
 from torch import nn
+
 from .. import draws
+from ..validation import check_float, check_int, check_positive
 
 PERTURBATIONS = ("linear", "mlp", "mlp-conditional", "gaussian", "neftune", "discrete", "none")
 
@@ -34,12 +36,8 @@ class Perturbation(nn.Module):
 
     def __init__(self, *, prefix_len: int, embed_dim: int) -> None:
         super().__init__()
-        if prefix_len < 1:
-            raise ValueError(f"prefix_len={prefix_len} is invalid; allowed: an integer >= 1")
-        if embed_dim < 1:
-            raise ValueError(f"embed_dim={embed_dim} is invalid; allowed: an integer >= 1")
-        self.prefix_len = int(prefix_len)
-        self.embed_dim = int(embed_dim)
+        self.prefix_len = check_int("prefix_len", prefix_len, 1)
+        self.embed_dim = check_int("embed_dim", embed_dim, 1)
 
     @property
     def latent_dim(self) -> int:
@@ -67,11 +65,9 @@ class LinearPerturbation(Perturbation):
 
     def __init__(self, *, prefix_len: int, embed_dim: int, latent_dim: int, init_scale: float = 0.05) -> None:
         super().__init__(prefix_len=prefix_len, embed_dim=embed_dim)
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim={latent_dim} is invalid; allowed: an integer >= 1")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale={init_scale} is invalid; allowed: a float > 0 (A = 0 is a stationary point)")
-        self.latent_shape = (int(latent_dim),)
+        latent_dim = check_int("latent_dim", latent_dim, 1)
+        init_scale = check_positive("init_scale", init_scale)  # never 0: A = 0 is a stationary point
+        self.latent_shape = (latent_dim,)
         self.A = nn.Parameter(init_scale * torch.randn(prefix_len * embed_dim, latent_dim))  # (L*d, q)
 
     def forward(self, prefix_embeds, latent, x=None):
@@ -91,11 +87,9 @@ class MLPPerturbation(Perturbation):
     def __init__(self, *, prefix_len: int, embed_dim: int, latent_dim: int, hidden: int = 16,
                  conditional: bool = False, init_scale: float = 0.05) -> None:
         super().__init__(prefix_len=prefix_len, embed_dim=embed_dim)
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim={latent_dim} is invalid; allowed: an integer >= 1")
-        if hidden < 1:
-            raise ValueError(f"hidden={hidden} is invalid; allowed: an integer >= 1")
-        self.latent_shape = (int(latent_dim),)
+        latent_dim = check_int("latent_dim", latent_dim, 1)
+        hidden = check_int("hidden", hidden, 1)
+        self.latent_shape = (latent_dim,)
         self.conditional = bool(conditional)
         n_in = latent_dim + (prefix_len * embed_dim if conditional else 0)
         self.hidden = nn.Linear(n_in, hidden)
@@ -119,9 +113,7 @@ class GaussianPerturbation(Perturbation):
 
     def __init__(self, *, prefix_len: int, embed_dim: int, sigma: float = 0.3) -> None:
         super().__init__(prefix_len=prefix_len, embed_dim=embed_dim)
-        if not sigma >= 0:
-            raise ValueError(f"sigma={sigma} is invalid; allowed: a float >= 0")
-        self.sigma = float(sigma)
+        self.sigma = check_float("sigma", sigma, low=0.0)
         self.latent_shape = (prefix_len * embed_dim,)
 
     def forward(self, prefix_embeds, latent, x=None):
@@ -139,9 +131,7 @@ class NEFTunePerturbation(Perturbation):
 
     def __init__(self, *, prefix_len: int, embed_dim: int, alpha: float = 5.0) -> None:
         super().__init__(prefix_len=prefix_len, embed_dim=embed_dim)
-        if not alpha >= 0:
-            raise ValueError(f"alpha={alpha} is invalid; allowed: a float >= 0")
-        self.alpha = float(alpha)
+        self.alpha = check_float("alpha", alpha, low=0.0)
         self.latent_shape = (prefix_len * embed_dim,)
 
     def sample_latent(self, x, num_draws, generator=None, dtype=torch.float64):
@@ -166,11 +156,8 @@ class DiscreteSubstitution(Perturbation):
 
     def __init__(self, *, embedding: torch.Tensor, prefix_len: int, rho: float = 0.3, bandwidth: float = 0.1) -> None:
         super().__init__(prefix_len=prefix_len, embed_dim=embedding.shape[1])
-        if not 0 <= rho <= 1:
-            raise ValueError(f"rho={rho} is invalid; allowed: a probability in [0, 1]")
-        if not bandwidth > 0:
-            raise ValueError(f"bandwidth={bandwidth} is invalid; allowed: a float > 0")
-        self.rho, self.bandwidth = float(rho), float(bandwidth)
+        self.rho = check_float("rho", rho, low=0.0, high=1.0, high_open=False)
+        self.bandwidth = check_positive("bandwidth", bandwidth)
         self.latent_shape = (prefix_len,)
         sq_dist = torch.cdist(embedding, embedding) ** 2  # (V, V)
         self.register_buffer("kernel", torch.softmax(-sq_dist / bandwidth, dim=1))  # rows: k(. | v)

@@ -18,12 +18,13 @@ A study file of this kind::
     n = [500, 2000]
     sigma = [0.6]
 
-    [dgm]                     # PerturbedNextToken keywords, or design = "<reference design>" + overrides
+    [dgm]                     # the DGM's keywords, or design = "<reference design>" + overrides
+    kind = "perturbed-next-token"   # optional: a registered DGM class (simstudy list: DGMs)
     design = "five-token"
     seed = 3
     fresh_teacher = false     # true: a new teacher per replicate (seed drawn from the replicate's stream)
 
-    [defaults]                # optional: MethodSpec fields shared by every method
+    [defaults]                # optional: PerturbationMethod fields shared by every method
     sgd = { passes = 30 }
 
     [methods.mle]             # a baseline (mle, gaussian, neftune, discrete) or an equation name
@@ -40,78 +41,83 @@ A study file of this kind::
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 
-from ..dgm import PerturbedNextToken
-from ..dgm.designs import DESIGNS
+from .. import dgm as dgms
+from ..domain import PerturbationMethod, make_analyse, make_generate
 from ..engine import Study
 from ..equations import EQUATIONS
 from . import spec
-from .perturbation import BASELINES, MethodSpec, make_analyse, make_generate
 
-DGM_KEYS = set(inspect.signature(PerturbedNextToken.__init__).parameters) - {"self"}
-METHOD_KEYS = {f.name for f in fields(MethodSpec)} - {"name"}
+METHOD_KEYS = {f.name for f in fields(PerturbationMethod)} - {"name"}
 EVALUATION_KEYS = {"bins", "mc_draws", "headline"}
 HEADLINE = ["kl_id", "kl_oos", "tv_id", "tv_oos", "scale_ratio"]
 QUICK_STUDY = Path(__file__).with_name("quick.toml")
 
 
-def _method(name: str, table: dict, defaults: dict) -> MethodSpec:
+def _method(name: str, table: dict, defaults: dict) -> PerturbationMethod:
     spec.check_keys(table, METHOD_KEYS, f"methods.{name}")
     options = {**defaults, **table}
     for key in ("sgd", "equation_options", "perturbation_options"):
         if key in defaults and key in table:
             options[key] = {**defaults[key], **table[key]}
+    baselines = PerturbationMethod.baselines
     try:
-        if "equation" in table and name not in BASELINES:
-            return MethodSpec(name=name, **options)
-        label = name if (name in BASELINES or name in EQUATIONS) else None
-        if label is None:
-            known = sorted(set(BASELINES) | set(EQUATIONS))
-            raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(known)}, "
+        if "equation" in table and name not in baselines:
+            return PerturbationMethod(name=name, **options)
+        if name not in baselines and name not in EQUATIONS:
+            raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(PerturbationMethod.known_names())}, "
                                  "or any label with equation = '...'")
-        return MethodSpec.from_name(name, **options)
+        return PerturbationMethod.from_name(name, **options)
     except spec.SpecError:
         raise
     except (TypeError, ValueError) as exc:
         raise spec.SpecError(f"methods.{name}: {str(exc).splitlines()[0]}") from None
 
 
+def _dgm_table(t: dict) -> tuple[dict, bool, set]:
+    """The ``[dgm]`` table: (options for :func:`simstudy.domain.cached_dgm`, fresh_teacher, the DGM's keywords)."""
+    if not isinstance(t.get("dgm", {}), dict):
+        raise spec.SpecError("dgm has the wrong type; allowed: a table [dgm]")
+    dgm_t = dict(t.get("dgm", {}))
+    kind = spec.get_value(dgm_t, "kind", str, "dgm", default=dgms.DEFAULT_KIND)
+    if kind not in dgms.DGMS:
+        raise spec.SpecError(f"dgm.kind={kind!r} is unknown; allowed: {', '.join(dgms.DGMS)}")
+    keys = set(dgms.dgm_defaults(kind))
+    spec.check_keys(dgm_t, keys | {"kind", "design", "fresh_teacher"}, "dgm")
+    fresh = spec.get_value(dgm_t, "fresh_teacher", bool, "dgm", default=False)
+    dgm_t.pop("fresh_teacher", None)
+    if "design" in dgm_t and dgm_t["design"] not in dgms.DESIGNS:
+        raise spec.SpecError(f"dgm.design={dgm_t['design']!r} is unknown; allowed: {', '.join(dgms.DESIGNS)}")
+    return dgm_t, fresh, keys
+
+
 def _build(sf: spec.StudyFile) -> Study:
     t = sf.tables
     if sf.design is None:
         raise spec.SpecError("design is missing; allowed: a [design] table with n = [...] (and DGM factors)")
-    dgm_t = dict(t.get("dgm", {}))
-    if not isinstance(t.get("dgm", {}), dict):
-        raise spec.SpecError("dgm has the wrong type; allowed: a table [dgm]")
-    spec.check_keys(dgm_t, DGM_KEYS | {"design", "fresh_teacher"}, "dgm")
-    fresh = spec.get_value(dgm_t, "fresh_teacher", bool, "dgm", default=False)
-    dgm_t.pop("fresh_teacher", None)
-    if "design" in dgm_t and dgm_t["design"] not in DESIGNS:
-        raise spec.SpecError(f"dgm.design={dgm_t['design']!r} is unknown; allowed: {', '.join(DESIGNS)}")
+    dgm_t, fresh, dgm_keys = _dgm_table(t)
     conditions = sf.design if isinstance(sf.design, list) else None
     factors = set(sf.design) if isinstance(sf.design, dict) else {k for c in conditions for k in c}
     if "n" not in factors:
         raise spec.SpecError("design.n is missing; allowed: n = [sample sizes] (integers >= 1)")
-    spec.check_keys({k: None for k in factors}, DGM_KEYS | {"n"}, "design")
+    spec.check_keys({k: None for k in factors}, dgm_keys | {"n", "design"}, "design")
     try:  # validate the DGM now (one line), not inside a replicate
         probe = dict(dgm_t)
         first = conditions[0] if conditions else {k: (v[0] if isinstance(v, list) else v) for k, v in sf.design.items()}
         probe.update({k: v for k, v in first.items() if k != "n"})
         if int(first["n"]) < 1:
             raise ValueError(f"n={first['n']} is invalid; allowed: an integer >= 1")
-        design = probe.pop("design", None)
-        PerturbedNextToken.reference(design, **probe) if design else PerturbedNextToken(**probe)
+        dgms.make_dgm(probe)
     except (TypeError, ValueError) as exc:
         raise spec.SpecError(f"dgm: {str(exc).splitlines()[0]}") from None
     methods_t = t.get("methods")
     if not isinstance(methods_t, dict) or not methods_t:
         raise spec.SpecError("methods is missing; allowed: one table [methods.NAME] per method "
-                             f"(NAME one of {', '.join(sorted(set(BASELINES) | set(EQUATIONS)))})")
+                             f"(NAME one of {', '.join(PerturbationMethod.known_names())})")
     defaults = t.get("defaults", {})
     spec.check_keys(defaults, METHOD_KEYS, "defaults")
     evaluation = t.get("evaluation", {})
@@ -138,7 +144,7 @@ def _build(sf: spec.StudyFile) -> Study:
 
 def extrapolation_figure(result, outdir) -> list[tuple[str, Path]]:
     """Figure hook: OOS KL by distance to the support per method (MCSE bars), pooled over n."""
-    from ..engine.plots import _save, extrapolation_plot
+    from ..engine.plots import extrapolation_plot, save_figure
 
     table = result.table
     bins = sorted(int(c[len("kl_oos_bin"):]) for c in table.columns if c.startswith("kl_oos_bin"))
@@ -158,22 +164,23 @@ def extrapolation_figure(result, outdir) -> list[tuple[str, Path]]:
                                  title=f"Extrapolation curve{'' if n is None else f', n = {n}'} (bars: +-1.96 MCSE)")
         name = "extrapolation.png" if n is None else f"extrapolation_n{n}.png"
         out.append((f"Extrapolation curve{'' if n is None else f' (n = {n})'}",
-                    _save(fig, Path(outdir) / name)))
+                    save_figure(fig, Path(outdir) / name)))
     return out
 
 
 def _list_dgms() -> dict[str, str]:
-    out = {"perturbed-next-token": "PerturbedNextToken (DESIGN §4); keywords: " + ", ".join(sorted(DGM_KEYS))}
-    for name, d in DESIGNS.items():
+    out = {kind: f"{cls.__name__} (DESIGN §4); keywords: " + ", ".join(sorted(dgms.dgm_defaults(kind)))
+           for kind, cls in dgms.DGMS.items()}
+    for name, d in dgms.DESIGNS.items():
         out[f"  design={name}"] = ", ".join(f"{k}={v}" for k, v in d.items())
     return out
 
 
 def _list_methods() -> dict[str, str]:
     out = {name: f"baseline: equation {b['equation']}, perturbation {b['perturbation']}"
-           for name, b in BASELINES.items()}
+           for name, b in PerturbationMethod.baselines.items()}
     out.update({name: "learned linear perturbation fitted by this equation" for name in EQUATIONS
-                if name not in BASELINES})
+                if name not in PerturbationMethod.baselines})
     return out
 
 
@@ -190,12 +197,4 @@ spec.register_listing("methods", _list_methods)
 spec.register_listing("equations", _list_equations)
 
 
-def _list_checks() -> dict[str, str]:
-    import importlib
-
-    checks = importlib.import_module("simstudy.checks").CHECKS
-    return {name: check.claim for name, check in checks.items()}
-
-
-spec.register_listing("paper checks (simstudy check NAME)", _list_checks)
 spec.DEFAULT_STUDY = "quick"

@@ -69,13 +69,9 @@ what is allowed.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 try:
     import tomllib
@@ -84,155 +80,11 @@ except ImportError:  # Python 3.10
 
 from ..engine import Study
 from ..engine.callables import resolve_callable
+from .tables import SpecError, StudyFile, check_design, check_keys, get_callable, get_value, parse_rates
 
 __all__ = ["SpecError", "StudyFile", "KINDS", "STUDIES", "DEFAULT_STUDY", "PLUGIN_MODULES", "register_kind",
            "register_study", "register_listing", "load_plugins", "listings", "parse_study_text", "load_study_file", "build_study", "check_keys",
            "get_value", "get_callable"]
-
-
-class SpecError(ValueError):
-    """A study file is malformed; the message is one line naming the key or value and what is allowed."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# helpers for builders
-# ------------------------------------------------------------------------------------------------------------
-_MISSING = object()
-
-
-def _type_name(types) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a table"}
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def check_keys(table: Mapping, allowed, where: str) -> None:
-    """Raise SpecError for a key of ``table`` not in ``allowed``."""
-    for key in table:
-        if key not in allowed:
-            loc = f"{where}.{key}" if where else key
-            raise SpecError(f"{loc} is an unknown key; allowed: {', '.join(sorted(allowed)) or 'none'}")
-
-
-def get_value(table: Mapping, key: str, types, where: str, default: Any = _MISSING,
-              check: Callable[[Any], bool] | None = None, allowed: str | None = None) -> Any:
-    """Read ``table[key]`` with a type and value check.
-
-    Parameters
-    ----------
-    table : mapping
-        A parsed TOML table.
-    key : str
-    types : type or tuple of types
-        Accepted Python types (``float`` also accepts integers; ``bool`` is
-        never accepted as ``int``).
-    where : str
-        Dotted location of the table, for messages.
-    default : optional
-        Value when the key is absent; without it the key is required.
-    check : callable, optional
-        Predicate on the value; False raises SpecError with ``allowed``.
-    allowed : str, optional
-        Text describing the allowed values.
-    """
-    loc = f"{where}.{key}" if where else key
-    if key not in table:
-        if default is _MISSING:
-            raise SpecError(f"{loc} is missing; allowed: {allowed or _type_name(types)}")
-        return default
-    value = table[key]
-    tys = types if isinstance(types, tuple) else (types,)
-    ok = any((isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)))
-             or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in tys)
-    if not ok:
-        raise SpecError(f"{loc}={value!r} has the wrong type; allowed: {allowed or _type_name(types)}")
-    if float in tys and isinstance(value, int) and not isinstance(value, bool) and int not in tys:
-        value = float(value)
-    if check is not None and not check(value):
-        raise SpecError(f"{loc}={value!r} is invalid; allowed: {allowed or _type_name(types)}")
-    return value
-
-
-def get_callable(table: Mapping, where: str, *, n_positional: int = 2) -> Callable:
-    """Read ``function`` (import path) and ``params`` (keyword arguments) of a table.
-
-    Returns ``functools.partial(function, **params)`` (or the function), after
-    checking that every parameter name exists in its signature.
-    """
-    check_keys(table, {"function", "params"}, where)
-    path = get_value(table, "function", str, where, allowed="an import path 'package.module:function'")
-    try:
-        fn = resolve_callable(path, f"{where}.function")
-    except ValueError as exc:
-        raise SpecError(str(exc)) from None
-    params = get_value(table, "params", dict, where, default={})
-    if not params:
-        return fn
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        names = list(sig.parameters)
-        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        for key in params:
-            if key not in names[n_positional:] and not accepts_kwargs:
-                raise SpecError(f"{where}.params.{key} is not a parameter of {path}; allowed: "
-                                f"{', '.join(names[n_positional:]) or 'none'}")
-    return functools.partial(fn, **params)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the common part
-# ------------------------------------------------------------------------------------------------------------
-@dataclass
-class StudyFile:
-    """Parsed common part of a study file.
-
-    Attributes
-    ----------
-    kind, name, description : str
-    replicates, seed : int
-    fingerprint : str or None
-    design : dict or list of dict or None
-        ``[design]`` (factorial) or ``[[conditions]]`` (non-factorial), as in the file.
-    run : dict
-        ``n_jobs``, ``backend``, ``scheduler``, ``out`` when given.
-    summary, report : dict
-    rates : list of dict
-        Keyword arguments of :meth:`StudyResult.rate`.
-    tables : dict
-        Every other top-level table, for the kind's builder.
-    path : Path or None
-    """
-
-    kind: str
-    name: str
-    replicates: int
-    seed: int
-    description: str = ""
-    fingerprint: str | None = None
-    design: Any = None
-    run: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    rates: list = field(default_factory=list)
-    tables: dict = field(default_factory=dict)
-    path: Path | None = None
-
-    def options(self) -> dict:
-        """Reporting options stored with the results (``Study(options=...)``)."""
-        out = {"rates": list(self.rates), "description": self.description}
-        if self.summary.get("reference"):
-            out["reference"] = self.summary["reference"]
-        if "alpha" in self.summary:
-            out["alpha"] = self.summary["alpha"]
-        if "level" in self.report:
-            out["level"] = self.report["level"]
-        if self.report.get("figures"):
-            out["figures"] = list(self.report["figures"])
-        return out
 
 
 @dataclass
@@ -343,67 +195,6 @@ def listings() -> dict[str, dict[str, str]]:
     return out
 
 
-def _check_design(sf_tables: dict) -> Any:
-    if "design" in sf_tables and "conditions" in sf_tables:
-        raise SpecError("design and conditions are both given; allowed: [design] (factorial) or [[conditions]] "
-                        "(explicit list), not both")
-    if "design" in sf_tables:
-        design = sf_tables["design"]
-        if not isinstance(design, dict):
-            raise SpecError(f"design={design!r} has the wrong type; allowed: a table factor = [levels]")
-        if not design:
-            raise SpecError("design is empty; allowed: at least one factor = [levels]")
-        for k, v in design.items():
-            levels = v if isinstance(v, list) else [v]
-            if not levels:
-                raise SpecError(f"design.{k}=[] is invalid; allowed: a non-empty list of levels")
-            for lv in levels:
-                if not isinstance(lv, (bool, int, float, str)):
-                    raise SpecError(f"design.{k} level {lv!r} has the wrong type; allowed: numbers, strings or "
-                                    "booleans")
-        return design
-    if "conditions" in sf_tables:
-        conds = sf_tables["conditions"]
-        if not isinstance(conds, list) or not conds or not all(isinstance(c, dict) for c in conds):
-            raise SpecError("conditions has the wrong type; allowed: a non-empty array of tables [[conditions]]")
-        for i, c in enumerate(conds):
-            for k, v in c.items():
-                if not isinstance(v, (bool, int, float, str)):
-                    raise SpecError(f"conditions[{i}].{k}={v!r} has the wrong type; allowed: a number, string "
-                                    "or boolean")
-        return conds
-    return None
-
-
-def _parse_rates(value: Any) -> list[dict]:
-    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-        raise SpecError("rates has the wrong type; allowed: an array of tables [[rates]]")
-    out = []
-    allowed = {"metric", "x", "by", "theory_slope", "theory_constant", "level", "scale"}
-    for i, r in enumerate(value):
-        where = f"rates[{i}]"
-        check_keys(r, allowed, where)
-        spec = {"metric": get_value(r, "metric", str, where, check=bool, allowed="a metric column or 'mse:ESTIMAND'"),
-                "x": get_value(r, "x", str, where, default="n", check=bool, allowed="a design factor name")}
-        if "by" in r:
-            spec["by"] = get_value(r, "by", list, where, check=lambda v: all(isinstance(b, str) for b in v),
-                                   allowed="a list of column names")
-        for key in ("theory_slope", "theory_constant"):
-            if key in r:
-                spec[key] = get_value(r, key, float, where, check=math.isfinite, allowed="a finite number")
-        if "theory_constant" in spec and spec["theory_constant"] <= 0:
-            raise SpecError(f"{where}.theory_constant={spec['theory_constant']!r} is invalid; allowed: a positive "
-                            "number")
-        if "level" in r:
-            spec["level"] = get_value(r, "level", float, where, check=lambda v: 0 < v < 1,
-                                      allowed="a number in (0, 1)")
-        if "scale" in r:
-            spec["scale"] = get_value(r, "scale", str, where, check=lambda v: v in ("fixed", "estimated"),
-                                      allowed="'fixed' or 'estimated'")
-        out.append(spec)
-    return out
-
-
 def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
     """Parse and validate the common part of a study file.
 
@@ -437,7 +228,7 @@ def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
         fingerprint=get_value(st, "fingerprint", str, "study", default=None),
         path=Path(path) if path is not None else None,
     )
-    sf.design = _check_design(doc)
+    sf.design = check_design(doc)
     run = doc.get("run", {})
     if not isinstance(run, dict):
         raise SpecError("run has the wrong type; allowed: a table [run]")
@@ -479,7 +270,7 @@ def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
                 raise SpecError(str(exc)) from None
         sf.report["figures"] = figs
     if "rates" in doc:
-        sf.rates = _parse_rates(doc["rates"])
+        sf.rates = parse_rates(doc["rates"])
     sf.tables = {k: v for k, v in doc.items() if k not in _COMMON}
     return sf
 
@@ -559,77 +350,9 @@ def load_study_file(source: str | Path | None = None, *, replicates: int | None 
     return sf, build_study(sf, replicates=replicates), default_out
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the generic kind
-# ------------------------------------------------------------------------------------------------------------
-def _build_generic(sf: StudyFile) -> Study:
-    """Builder of ``kind = "generic"``: callables by import path (see the module docstring)."""
-    t = sf.tables
-    if sf.design is None:
-        raise SpecError("design is missing; allowed: a [design] table or [[conditions]] tables")
-    if "generate" not in t or not isinstance(t["generate"], dict):
-        raise SpecError("generate is missing; allowed: a table [generate] with function = 'package.module:function'")
-    generate = get_callable(t["generate"], "generate")
-    truth = None
-    if "truth" in t:
-        if not isinstance(t["truth"], dict):
-            raise SpecError("truth has the wrong type; allowed: a table [truth] with function = '...'")
-        truth = get_callable(t["truth"], "truth", n_positional=1)
-    methods_t = t.get("methods")
-    if not isinstance(methods_t, dict) or not methods_t:
-        raise SpecError("methods is missing; allowed: one table [methods.NAME] per method with function = '...'")
-    methods = {}
-    for name, mt in methods_t.items():
-        if not isinstance(mt, dict):
-            raise SpecError(f"methods.{name} has the wrong type; allowed: a table with function = '...'")
-        methods[name] = get_callable(mt, f"methods.{name}")
-    return Study(design=sf.design, generate=generate, analyse=methods, truth=truth, replicates=sf.replicates,
-                 seed=sf.seed, name=sf.name, fingerprint=sf.fingerprint, options=sf.options())
+from .generic import DEMO_TOML, build_generic  # noqa: E402  (the generic kind registers with this module)
 
-
-register_kind("generic", _build_generic, tables=("generate", "truth", "methods"),
+register_kind("generic", build_generic, tables=("generate", "truth", "methods"),
               description="any study: generate, methods and truth named by import path")
-
-#: The built-in generic demo (``simstudy run demo``): mean, median and trimmed mean of a symmetric location.
-DEMO_TOML = """\
-[study]
-kind = "generic"
-name = "demo"
-description = \"\"\"Generic demo (the default until the domain's quick study is registered): the centre of a \
-symmetric distribution estimated by the mean (t interval), the median (order-statistic interval) and the 20% \
-trimmed mean (Tukey-McLaughlin interval), for normal and t3 data. Expect relative efficiency of the median near \
-0.7 (2/pi asymptotically) for normal data and above 1 for t3, MSE falling like 1/n.\"\"\"
-replicates = 300
-seed = 1
-
-[design]
-n = [10, 40, 160]
-dist = ["normal", "t3"]
-
-[generate]
-function = "simstudy.studies.examples:location_data"
-
-[truth]
-function = "simstudy.studies.examples:location_truth"
-
-[methods.mean_t]
-function = "simstudy.studies.examples:mean_t"
-
-[methods.median]
-function = "simstudy.studies.examples:median_ci"
-
-[methods.trimmed]
-function = "simstudy.studies.examples:trimmed_mean"
-params = { proportion = 0.2 }
-
-[summary]
-reference = "mean_t"
-
-[[rates]]
-metric = "mse:estimate"
-x = "n"
-theory_slope = -1.0
-"""
-
 register_study("demo", DEMO_TOML, description="generic demo: mean vs median vs trimmed mean of a location",
                out="results/quick")

@@ -1,0 +1,219 @@
+"""Reading the tables of a study file: one-line errors naming the key, the value and what is allowed (DESIGN §7).
+
+:class:`SpecError` is the error of every malformed study file; :func:`check_keys`,
+:func:`get_value` and :func:`get_callable` are what a kind's builder reads its tables
+with; :class:`StudyFile` is the parsed common part handed to the builder.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.callables import resolve_callable
+
+__all__ = ["SpecError", "StudyFile", "check_design", "check_keys", "get_callable", "get_value", "parse_rates"]
+
+
+class SpecError(ValueError):
+    """A study file is malformed; the message is one line naming the key or value and what is allowed."""
+
+
+_MISSING = object()
+
+
+def _type_name(types) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def check_keys(table: Mapping, allowed, where: str) -> None:
+    """Raise SpecError for a key of ``table`` not in ``allowed``."""
+    for key in table:
+        if key not in allowed:
+            loc = f"{where}.{key}" if where else key
+            raise SpecError(f"{loc} is an unknown key; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
+
+def get_value(table: Mapping, key: str, types, where: str, default: Any = _MISSING,
+              check: Callable[[Any], bool] | None = None, allowed: str | None = None) -> Any:
+    """Read ``table[key]`` with a type and value check.
+
+    Parameters
+    ----------
+    table : mapping
+        A parsed TOML table.
+    key : str
+    types : type or tuple of types
+        Accepted Python types (``float`` also accepts integers; ``bool`` is
+        never accepted as ``int``).
+    where : str
+        Dotted location of the table, for messages.
+    default : optional
+        Value when the key is absent; without it the key is required.
+    check : callable, optional
+        Predicate on the value; False raises SpecError with ``allowed``.
+    allowed : str, optional
+        Text describing the allowed values.
+    """
+    loc = f"{where}.{key}" if where else key
+    if key not in table:
+        if default is _MISSING:
+            raise SpecError(f"{loc} is missing; allowed: {allowed or _type_name(types)}")
+        return default
+    value = table[key]
+    tys = types if isinstance(types, tuple) else (types,)
+    ok = any((isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)))
+             or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in tys)
+    if not ok:
+        raise SpecError(f"{loc}={value!r} has the wrong type; allowed: {allowed or _type_name(types)}")
+    if float in tys and isinstance(value, int) and not isinstance(value, bool) and int not in tys:
+        value = float(value)
+    if check is not None and not check(value):
+        raise SpecError(f"{loc}={value!r} is invalid; allowed: {allowed or _type_name(types)}")
+    return value
+
+
+def get_callable(table: Mapping, where: str, *, n_positional: int = 2) -> Callable:
+    """Read ``function`` (import path) and ``params`` (keyword arguments) of a table.
+
+    Returns ``functools.partial(function, **params)`` (or the function), after
+    checking that every parameter name exists in its signature.
+    """
+    check_keys(table, {"function", "params"}, where)
+    path = get_value(table, "function", str, where, allowed="an import path 'package.module:function'")
+    try:
+        fn = resolve_callable(path, f"{where}.function")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    params = get_value(table, "params", dict, where, default={})
+    if not params:
+        return fn
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        names = list(sig.parameters)
+        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        for key in params:
+            if key not in names[n_positional:] and not accepts_kwargs:
+                raise SpecError(f"{where}.params.{key} is not a parameter of {path}; allowed: "
+                                f"{', '.join(names[n_positional:]) or 'none'}")
+    return functools.partial(fn, **params)
+
+
+@dataclass
+class StudyFile:
+    """Parsed common part of a study file.
+
+    Attributes
+    ----------
+    kind, name, description : str
+    replicates, seed : int
+    fingerprint : str or None
+    design : dict or list of dict or None
+        ``[design]`` (factorial) or ``[[conditions]]`` (non-factorial), as in the file.
+    run : dict
+        ``n_jobs``, ``backend``, ``scheduler``, ``out`` when given.
+    summary, report : dict
+    rates : list of dict
+        Keyword arguments of :meth:`StudyResult.rate`.
+    tables : dict
+        Every other top-level table, for the kind's builder.
+    path : Path or None
+    """
+
+    kind: str
+    name: str
+    replicates: int
+    seed: int
+    description: str = ""
+    fingerprint: str | None = None
+    design: Any = None
+    run: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    rates: list = field(default_factory=list)
+    tables: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def options(self) -> dict:
+        """Reporting options stored with the results (``Study(options=...)``)."""
+        out = {"rates": list(self.rates), "description": self.description}
+        if self.summary.get("reference"):
+            out["reference"] = self.summary["reference"]
+        if "alpha" in self.summary:
+            out["alpha"] = self.summary["alpha"]
+        if "level" in self.report:
+            out["level"] = self.report["level"]
+        if self.report.get("figures"):
+            out["figures"] = list(self.report["figures"])
+        return out
+
+
+def check_design(sf_tables: dict) -> Any:
+    if "design" in sf_tables and "conditions" in sf_tables:
+        raise SpecError("design and conditions are both given; allowed: [design] (factorial) or [[conditions]] "
+                        "(explicit list), not both")
+    if "design" in sf_tables:
+        design = sf_tables["design"]
+        if not isinstance(design, dict):
+            raise SpecError(f"design={design!r} has the wrong type; allowed: a table factor = [levels]")
+        if not design:
+            raise SpecError("design is empty; allowed: at least one factor = [levels]")
+        for k, v in design.items():
+            levels = v if isinstance(v, list) else [v]
+            if not levels:
+                raise SpecError(f"design.{k}=[] is invalid; allowed: a non-empty list of levels")
+            for lv in levels:
+                if not isinstance(lv, (bool, int, float, str)):
+                    raise SpecError(f"design.{k} level {lv!r} has the wrong type; allowed: numbers, strings or "
+                                    "booleans")
+        return design
+    if "conditions" in sf_tables:
+        conds = sf_tables["conditions"]
+        if not isinstance(conds, list) or not conds or not all(isinstance(c, dict) for c in conds):
+            raise SpecError("conditions has the wrong type; allowed: a non-empty array of tables [[conditions]]")
+        for i, c in enumerate(conds):
+            for k, v in c.items():
+                if not isinstance(v, (bool, int, float, str)):
+                    raise SpecError(f"conditions[{i}].{k}={v!r} has the wrong type; allowed: a number, string "
+                                    "or boolean")
+        return conds
+    return None
+
+
+def parse_rates(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise SpecError("rates has the wrong type; allowed: an array of tables [[rates]]")
+    out = []
+    allowed = {"metric", "x", "by", "theory_slope", "theory_constant", "level", "scale"}
+    for i, r in enumerate(value):
+        where = f"rates[{i}]"
+        check_keys(r, allowed, where)
+        spec = {"metric": get_value(r, "metric", str, where, check=bool, allowed="a metric column or 'mse:ESTIMAND'"),
+                "x": get_value(r, "x", str, where, default="n", check=bool, allowed="a design factor name")}
+        if "by" in r:
+            spec["by"] = get_value(r, "by", list, where, check=lambda v: all(isinstance(b, str) for b in v),
+                                   allowed="a list of column names")
+        for key in ("theory_slope", "theory_constant"):
+            if key in r:
+                spec[key] = get_value(r, key, float, where, check=math.isfinite, allowed="a finite number")
+        if "theory_constant" in spec and spec["theory_constant"] <= 0:
+            raise SpecError(f"{where}.theory_constant={spec['theory_constant']!r} is invalid; allowed: a positive "
+                            "number")
+        if "level" in r:
+            spec["level"] = get_value(r, "level", float, where, check=lambda v: 0 < v < 1,
+                                      allowed="a number in (0, 1)")
+        if "scale" in r:
+            spec["scale"] = get_value(r, "scale", str, where, check=lambda v: v in ("fixed", "estimated"),
+                                      allowed="'fixed' or 'estimated'")
+        out.append(spec)
+    return out
