@@ -25,6 +25,8 @@ import numpy as np
 from scipy import stats
 from scipy.special import logsumexp
 
+from .validation import check_int
+
 RULES = ("trapezoid", "gauss-hermite", "rqmc")
 TRAPEZOID_HALF_WIDTH = 9.0  # default interval [-9, 9]^q of the trapezoid rule
 
@@ -142,8 +144,7 @@ def shared_nodes(rules: list[Rule], *, dropped_mass: float = 1e-17) -> tuple[np.
 
 def default_rule(dim: int) -> Rule:
     """The rule used for the exact truth: trapezoid for q <= 3, else RQMC (DESIGN §4)."""
-    if dim < 1:
-        raise ValueError(f"latent_dim={dim} is invalid; allowed: an integer >= 1")
+    check_int("latent_dim", dim, 1)
     per_dim = {1: 201, 2: 61, 3: 31}.get(dim)
     if per_dim is None:
         return rqmc(2**14, dim)
@@ -151,7 +152,5 @@ def default_rule(dim: int) -> Rule:
 
 
 def _check(num_nodes: int, dim: int, *, minimum: int) -> None:
-    if int(num_nodes) < minimum:
-        raise ValueError(f"num_nodes={num_nodes} is too small; allowed: an integer >= {minimum}")
-    if int(dim) < 1:
-        raise ValueError(f"latent_dim={dim} is invalid; allowed: an integer >= 1")
+    check_int("num_nodes", num_nodes, minimum)
+    check_int("latent_dim", dim, 1)

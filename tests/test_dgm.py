@@ -490,3 +490,14 @@ def test_invalid_calls():
         PerturbedNextToken.reference("strong")
     with pytest.raises(ValueError, match="network='rnn'.*allowed"):
         dgm.make_student(network="rnn")
+
+
+def test_exact_marginal_does_not_depend_on_the_order_of_calls():
+    """A prefix's cached truth is computed with every enumerated prefix in one pass, so it is bitwise the
+    same whichever prefixes were asked for first (a batch of another composition changes the last bits)."""
+    first = PerturbedNextToken.reference("five-token", seed=0)
+    second = PerturbedNextToken.reference("five-token", seed=0)
+    everything = first.prefixes("all")
+    for prefix in ([0, 0], [3, 3], [0, 4]):
+        second.exact_marginal(np.asarray([prefix]))
+    assert np.array_equal(first.exact_marginal(everything), second.exact_marginal(everything))

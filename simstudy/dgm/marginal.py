@@ -30,7 +30,7 @@ _ERROR_FLOOR = 1e-14  # round-off floor added to every quadrature error estimate
 _DROPPED_MASS = 1e-17  # quadrature nodes are pruned while their total weight stays below this
 _DEFAULT_NODES = {"trapezoid": {1: 201, 2: 61, 3: 31}, "gauss-hermite": {1: 80, 2: 40, 3: 20}}
 _DEFAULT_RQMC_POINTS = 2**12
-_ELEMENT_BUDGET = 4_000_000  # (rows x V) elements per forward chunk
+ELEMENT_BUDGET = 4_000_000  # (rows x V) elements per forward chunk
 _MAX_CACHE = 20_000_000  # cache the marginal of all prefixes when V^L * V is below this
 
 
@@ -64,7 +64,7 @@ class ExactMarginal:
         nodes, W = quadrature.shared_nodes(self._rules(rule, num_nodes, randomisations),
                                            dropped_mass=_DROPPED_MASS)
         est = self.teacher.weighted_marginals(torch.as_tensor(x, dtype=torch.long), nodes, W,
-                                              _ELEMENT_BUDGET)  # (N, R, V)
+                                              ELEMENT_BUDGET)  # (N, R, V)
         if rule == "rqmc":
             R = est.shape[1]
             return est.mean(1), est.std(1, ddof=1) / math.sqrt(R)
@@ -91,7 +91,9 @@ class ExactMarginal:
             doubling the nodes again. RQMC: the mean over ``randomisations``
             independent scrambles and its standard error.
 
-        Results for the enumerated prefixes are cached per rule, so repeated calls are free.
+        Results for the enumerated prefixes are computed for all of them in one pass and cached per rule,
+        so repeated calls are free and a prefix's value does not depend on the order of the calls (a batch
+        of other composition changes the last bits of the matrix products).
         """
         x = self._check_prefixes(prefixes)  # (N, L)
         rule, num_nodes = self._resolve_rule(rule, num_nodes)
@@ -103,11 +105,9 @@ class ExactMarginal:
                 self._cache[key] = (np.zeros((P, V)), np.zeros((P, V)), np.zeros(P, dtype=bool))
             probs_all, err_all, done = self._cache[key]  # (P, V), (P, V), (P,)
             idx = self.prefix_index(x)
-            missing = np.unique(idx[~done[idx]])
-            if missing.size:
-                probs_all[missing], err_all[missing] = self._integrate(
-                    self._prefix_sets["all"][missing], rule, num_nodes, randomisations)
-                done[missing] = True
+            if not done[idx].all():  # every prefix in one pass: a value never depends on which came first
+                probs_all[:], err_all[:] = self._integrate(self._prefix_sets["all"], rule, num_nodes, randomisations)
+                done[:] = True
             probs, err = probs_all[idx], err_all[idx]
         else:
             probs, err = self._integrate(x, rule, num_nodes, randomisations)
@@ -133,7 +133,7 @@ class ExactMarginal:
         nodes_t = torch.as_tensor(nodes, dtype=torch.float64)  # (U, q)
         log_W = torch.as_tensor(W, dtype=torch.float64).log()  # (U, R)
         xt, yt = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
-        rows = max(1, _ELEMENT_BUDGET // (len(nodes) * self.vocab_size * y.shape[1]))
+        rows = max(1, ELEMENT_BUDGET // (len(nodes) * self.vocab_size * y.shape[1]))
         out = []
         for i in range(0, len(x), rows):
             latent = nodes_t[None].expand(len(xt[i:i + rows]), -1, -1)  # (b, U, q)

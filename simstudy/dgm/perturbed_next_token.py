@@ -45,7 +45,7 @@ from ..validation import check_choice, check_float, check_int, check_rng
 from .base import Dataset, inverse_cdf
 from .designs import DESIGNS
 from .features import smooth_features
-from .marginal import _ELEMENT_BUDGET, MARGINAL_RULES, ExactMarginal
+from .marginal import ELEMENT_BUDGET, MARGINAL_RULES, ExactMarginal
 from .students import StudentFactory
 from .support import S_TOL, SemanticSupport
 from .teacher import (calibrate_entropy, make_direction, make_teacher, make_teacher_network, tangent,
@@ -232,7 +232,7 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
         u = rng.random((n, self.observations))  # (n, c)
         c = self.observations
         y = np.empty((n, c), dtype=np.int64)
-        chunk = max(1, _ELEMENT_BUDGET // (self.vocab_size * c))
+        chunk = max(1, ELEMENT_BUDGET // (self.vocab_size * c))
         for i in range(0, n, chunk):
             s = slice(i, i + chunk)
             if c == 1 or self.continuation == "iid":

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from ..equations import EQUATIONS, Equation, make_equation
+from ..equations import EQUATIONS, Equation, make_equation, parse_label
 from ..fit import SGDConfig
 
 __all__ = ["MethodSpec", "PerturbationMethod", "SOLVERS", "describe_method"]
@@ -39,11 +39,16 @@ class MethodSpec:
     baselines: ClassVar[dict[str, dict]] = {}
 
     def __post_init__(self) -> None:
-        if self.equation not in EQUATIONS:
-            raise ValueError(f"equation={self.equation!r} is unknown; allowed: {', '.join(sorted(EQUATIONS))}")
         for key in MERGED_KEYS:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; allowed: a table")
+        if isinstance(self.equation, str) and self.equation not in EQUATIONS and _label(self.equation):
+            # a short label (is-8, q2-K8, ps-mh-B20): its registry name, and the option it fixes wins
+            self.equation, fixed = parse_label(self.equation)
+            self.equation_options = {**self.equation_options, **fixed}
+        if self.equation not in EQUATIONS:
+            raise ValueError(f"equation={self.equation!r} is unknown; allowed: {', '.join(sorted(EQUATIONS))} "
+                             f"(or a short label: {_label_forms()})")
         SGDConfig(**self.sgd)  # validates the keys and values now, not inside a replicate
 
     @property
@@ -60,17 +65,22 @@ class MethodSpec:
 
     @classmethod
     def known_names(cls) -> list[str]:
-        """Method names that need no ``equation =``: the baselines and the equations."""
+        """Method names that need no ``equation =``: the baselines and the equations (and their short labels)."""
         return sorted(set(cls.baselines) | set(EQUATIONS))
+
+    @classmethod
+    def is_known(cls, name: str) -> bool:
+        """A baseline, an equation name or an equation's short label (``is-8``)."""
+        return name in cls.baselines or name in EQUATIONS or _label(name)
 
     @classmethod
     def from_name(cls, name: str, **options) -> "MethodSpec":
         """A method by name: a baseline of this domain or an equation name; ``options`` override the preset
         (option tables are merged)."""
         base = dict(cls.baselines.get(name, {}))
-        if not base and name not in EQUATIONS:
-            raise ValueError(f"method={name!r} is unknown; allowed: {', '.join(cls.known_names())} "
-                             "(or set equation=)")
+        if not cls.is_known(name):
+            raise ValueError(f"method={name!r} is unknown; allowed: {', '.join(cls.known_names())}, "
+                             f"{_label_forms()} (or set equation=)")
         if not base:
             base = {"equation": name}
         for key in MERGED_KEYS:
@@ -120,6 +130,19 @@ class PerturbationMethod(MethodSpec):
         """Keyword arguments of ``dgm.make_student`` (without the seed)."""
         return dict(network=self.network, hidden=self.hidden, perturbation=self.perturbation,
                     transformer=self.transformer, init_scale=self.init_scale, **self.perturbation_options)
+
+
+def _label(name) -> bool:
+    """Whether ``name`` is an equation's short label (``is-8``, ``q2-K8``, ``ps-mh-B20``)."""
+    try:
+        parse_label(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_forms() -> str:
+    return ", ".join(cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern)
 
 
 def describe_method(spec: MethodSpec) -> dict:

@@ -102,7 +102,7 @@ class AuditResult:
 
     # ---- Hotelling-type test on the identifiable subspace -----------------------------------
     @cached_property
-    def _eig(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def eigen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Kept eigenvalues, their eigenvectors, and the dropped eigenvalues of the covariance.
 
         Kept: above ``rtol`` times the largest and above the floating-point floor
@@ -117,18 +117,18 @@ class AuditResult:
     @property
     def df(self) -> int:
         """Rank of the covariance kept (dimension of the identifiable subspace)."""
-        return int(self._eig[0].size)
+        return int(self.eigen[0].size)
 
     @cached_property
     def t2(self) -> float:
-        lam, U, _ = self._eig
+        lam, U, _ = self.eigen
         proj = U.T @ self.bias  # (df,)
         return float(self.num_replicates * np.sum(proj ** 2 / lam)) if lam.size else 0.0
 
     @property
     def residual_norm(self) -> float:
         """Norm of the bias outside the kept subspace (where g did not vary)."""
-        _, U, _ = self._eig
+        _, U, _ = self.eigen
         return float(np.linalg.norm(self.bias - U @ (U.T @ self.bias)))
 
     @property
@@ -138,7 +138,7 @@ class AuditResult:
         singular in directions where g does vary, and the check is skipped (True)."""
         if self.num_replicates <= self.reference.size:
             return True
-        dropped = self._eig[2]
+        dropped = self.eigen[2]
         scale = 1.0 + float(np.linalg.norm(self.reference)) + float(np.linalg.norm(self.mean))
         return self.residual_norm <= 4 * np.sqrt(dropped.sum() / self.num_replicates) + 1e-9 * scale
 
@@ -206,7 +206,7 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _flat_grad(value: torch.Tensor, params: list[torch.Tensor]) -> np.ndarray:
+def flat_grad(value: torch.Tensor, params: list[torch.Tensor]) -> np.ndarray:
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
                      ).detach().cpu().double().numpy()
@@ -222,13 +222,13 @@ def reference_gradient(equation, model, x, y, *, weights=None, reference="object
     params = [p for _, p in _trainable(model)]
     if isinstance(reference, str):
         if reference == "objective":
-            return _flat_grad(equation.exact_objective(model, x, y, weights, rule), params), "exact objective"
+            return flat_grad(equation.exact_objective(model, x, y, weights, rule), params), "exact objective"
         if reference == "likelihood":
             from .base import quadrature_log_marginal
             x_, y_, w = equation._prepare(model, x, y, weights, None)
             scope = getattr(equation, "scope", "datum")
             value = (w * quadrature_log_marginal(model, x_, y_, rule=rule, scope=scope)).sum() / w.sum()
-            return _flat_grad(value, params), f"likelihood (mean log m, {scope})"
+            return flat_grad(value, params), f"likelihood (mean log m, {scope})"
         raise ValueError(f"reference={reference!r} is invalid; allowed: 'objective', 'likelihood' or a (P,) vector")
     ref = np.asarray(reference.detach().cpu() if isinstance(reference, torch.Tensor) else reference, dtype=float)
     P = sum(p.numel() for p in params)
@@ -267,7 +267,7 @@ def gradient_audit(equation, model, x, y, *, weights=None, reference="objective"
     collected: dict[str, list[float]] = {}
     for r in range(num_replicates):
         out = equation.loss(model, x, y, generator=generator, index=index, weights=weights)
-        G[r] = -_flat_grad(out.loss, params)
+        G[r] = -flat_grad(out.loss, params)
         for k, v in out.stats.items():
             collected.setdefault(k, []).append(v)
     names = [f"{n}[{i}]" for n, p in named for i in range(p.numel())]

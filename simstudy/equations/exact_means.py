@@ -28,7 +28,7 @@ import torch
 from scipy import stats as sps
 
 from .. import quadrature
-from .audit import AuditResult, _flat_grad
+from .audit import AuditResult, flat_grad
 from .base import quadrature_divergences, quadrature_log_marginal, quadrature_token_log_lik
 
 __all__ = ["MAX_CHAIN_NODES", "aug_mean", "chi2_direction", "hotelling_power", "likelihood_gradient",
@@ -40,7 +40,7 @@ MAX_CHAIN_NODES = 1024
 
 def _grad(value: torch.Tensor, model) -> np.ndarray:
     """grad of the scalar ``value`` over the trainable entries of ``model``, flat ``(P,)`` float64."""
-    return _flat_grad(value, [p for p in model.parameters() if p.requires_grad])
+    return flat_grad(value, [p for p in model.parameters() if p.requires_grad])
 
 
 def chi2_direction(model, x, y, w, rule: quadrature.Rule | None = None) -> np.ndarray:
@@ -115,7 +115,7 @@ def hotelling_power(audit: AuditResult, bias: np.ndarray, alpha: float) -> float
     E[S^-1] = (R - 1) / (R - df - 2) Sigma^-1 for Gaussian g, so the plain plug-in would
     overstate the power at small R / df). NaN when R <= df + 2.
     """
-    lam, U, _ = audit._eig
+    lam, U, _ = audit.eigen
     R, k = audit.num_replicates, audit.df
     if not k or R <= k + 2:
         return float("nan")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_choice, check_int, check_positive
-from .base import SCOPES, Equation, log_weights, prior_draws
+from .base import Equation, log_weights, prior_draws
 from .. import draws
 
 
@@ -51,7 +51,6 @@ class ImportanceSampling(Equation):
 
     def validate(self):
         check_int("num_draws", self.num_draws, 1)
-        check_choice("scope", self.scope, SCOPES)
         super().validate()
 
     def per_datum_loss(self, model, x, y, *, weights, generator, index):
@@ -86,7 +85,6 @@ class Augmentation(Equation):
 
     def validate(self):
         check_int("num_draws", self.num_draws, 1)
-        check_choice("scope", self.scope, SCOPES)
         super().validate()
 
     def per_datum_loss(self, model, x, y, *, weights, generator, index):
@@ -159,7 +157,6 @@ class SUMO(Equation):
         if self.max_terms is not None:
             check_int("max_terms", self.max_terms, 1)
         check_choice("tail", self.tail, ("power",))
-        check_choice("scope", self.scope, SCOPES)
         super().validate()
 
     # -- the roulette -----------------------------------------------------------------------

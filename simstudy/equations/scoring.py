@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import check_choice, check_int
-from .base import SCOPES, Equation, gather_observed, prior_draws, quadrature_log_probs
+from ..validation import check_int
+from .base import Equation, gather_observed, prior_draws, quadrature_log_probs
 
 
 @dataclass
@@ -60,7 +60,6 @@ class Q2(Equation):
 
     def validate(self):
         check_int("num_draws", self.num_draws, 2)
-        check_choice("scope", self.scope, SCOPES)
         super().validate()
 
     def _joint(self, model, y) -> bool:

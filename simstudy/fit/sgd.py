@@ -14,11 +14,11 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .. import quadrature
+from ..validation import check_choice, check_float, check_int, check_positive
 from .results import FitDiverged, FitResult
 
 OPTIMIZERS = ("adam", "sgd")
@@ -46,22 +46,17 @@ class SGDConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "L2 penalty on the parameters"})
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS, word="unknown")
+        check_choice("schedule", self.schedule, SCHEDULES, word="unknown")
         for name in ("lr", "passes", "explode_factor"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid; allowed: a float > 0")
+            check_positive(name, getattr(self, name))
         for name in ("batch_size", "min_steps", "max_steps", "eval_every", "patience", "validation_draws"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid; allowed: an integer >= 1")
-        if self.steps is not None and int(self.steps) < 1:
-            raise ValueError(f"steps={self.steps} is invalid; allowed: an integer >= 1 or None")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction={self.validation_fraction} is invalid; allowed: a float in [0, 1)")
-        if not 0 < self.final_lr_fraction <= 1:
-            raise ValueError(f"final_lr_fraction={self.final_lr_fraction} is invalid; allowed: a float in (0, 1]")
+            check_int(name, getattr(self, name), 1)
+        if self.steps is not None:
+            check_int("steps", self.steps, 1)
+        check_float("validation_fraction", self.validation_fraction, low=0.0, high=1.0)
+        check_float("final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
+        check_positive("weight_decay", self.weight_decay, strict=False)
 
     def budget(self, n: int) -> int:
         """The number of steps for n training data."""

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import quadrature
-from ..models.perturbations import NoPerturbation, Perturbation
+from ..models.latent_likelihood import LatentLikelihood
+from ..models.perturbations import Perturbation
 from ..validation import check_int
 from .model import LoRAConfig, add_lora
 from .perturbations import LLM_PERTURBATIONS, NeighbourSubstitution, embedding_scale, make_llm_perturbation
@@ -44,7 +44,7 @@ __all__ = ["LLM_PERTURBATIONS", "NeighbourSubstitution", "PerturbedCausalLM", "b
 
 
 # ---- the model --------------------------------------------------------------------------------
-class PerturbedCausalLM(nn.Module):
+class PerturbedCausalLM(LatentLikelihood, nn.Module):
     """A frozen causal LM + LoRA adapters + a prompt perturbation G_phi (DESIGN §2, §8).
 
     Parameters
@@ -254,29 +254,6 @@ class PerturbedCausalLM(nn.Module):
         parts = [checkpoint(self._nll_chunk, hidden[s:s + rows], target[s:s + rows], use_reentrant=False) if grad
                  else self._nll_chunk(hidden[s:s + rows], target[s:s + rows]) for s in range(0, n, rows)]
         return torch.cat(parts)
-
-    def log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
-        """log p(y | x, z_k) of the whole continuation: ``(B, K)``."""
-        return self.token_log_lik(x, y, latent).sum(-1)
-
-    # ---- marginals --------------------------------------------------------------------------------------
-    def can_integrate(self) -> bool:
-        """True when m(y | x) can be computed by quadrature (a Gaussian latent of dimension <= 3, or none)."""
-        p = self.perturbation
-        if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
-            return True
-        return p.gaussian_latent and p.latent_dim <= 3
-
-    def quadrature_log_lik(self, x: torch.Tensor, y: torch.Tensor, rule: quadrature.Rule) -> torch.Tensor:
-        """log m(y | x) = log E_z p(y | x, z) by a quadrature rule over z: ``(B,)`` (autograd flows)."""
-        p = self.perturbation
-        if not (p.gaussian_latent and p.latent_dim == rule.dim):
-            raise ValueError(f"rule of dimension {rule.dim} does not fit latent_dim={p.latent_dim} "
-                             f"({type(p).__name__}); allowed: a Gaussian latent of the rule's dimension")
-        nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
-        log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
-        latent = nodes[None].expand(x.shape[0], -1, -1)  # (B, M, q)
-        return torch.logsumexp(self.log_lik(x, y, latent) + log_w, dim=1)  # (B,)
 
     @torch.no_grad()
     def base_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import quadrature
+from .latent_likelihood import LatentLikelihood
 from .networks import CONTINUATIONS, Network
 from .perturbations import DiscreteSubstitution, NoPerturbation, Perturbation
 
@@ -40,7 +41,7 @@ class Marginal:
         return float(np.max(self.error)) if self.error.size else 0.0
 
 
-class PerturbedLM(nn.Module):
+class PerturbedLM(LatentLikelihood, nn.Module):
     """p(y | x, z) = prod_j softmax(f_theta([E(x) + G_phi(z), E(y_<j)]))_{y_j} (DESIGN §2).
 
     Parameters
@@ -118,30 +119,12 @@ class PerturbedLM(nn.Module):
         index = y[:, None, :, None].expand(-1, logp.shape[1], -1, 1)  # (B, K, c, 1)
         return logp.gather(-1, index).squeeze(-1)
 
-    def log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
-        """log p(y | x, z_k) of the whole datum (sum over the c observations): (B, K)."""
-        return self.token_log_lik(x, y, latent).sum(-1)
-
-    # ---- marginals -----------------------------------------------------------------
     def can_integrate(self) -> bool:
-        """True when the marginal can be computed by deterministic quadrature."""
-        p = self.perturbation
-        if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
-            return True
-        if isinstance(p, DiscreteSubstitution):
+        """True when the marginal can be computed by deterministic quadrature (or, for the discrete
+        substitution kernel, by enumerating the substituted prefixes)."""
+        if isinstance(self.perturbation, DiscreteSubstitution):
             return self.vocab_size ** self.prefix_len <= 200_000
-        return p.gaussian_latent and p.latent_dim <= 3
-
-    def quadrature_log_lik(self, x: torch.Tensor, y: torch.Tensor, rule: quadrature.Rule) -> torch.Tensor:
-        """log m(y | x) = log E_z p(y | x, z) of each whole datum by a quadrature rule: (B,).
-
-        Differentiable (autograd flows to the parameters): the exact population
-        objective of the likelihood equations (DESIGN §3) and the exact solver use it.
-        """
-        nodes = torch.as_tensor(rule.nodes, dtype=self.dtype, device=x.device)  # (M, q)
-        log_w = torch.as_tensor(rule.log_weights, dtype=self.dtype, device=x.device)  # (M,)
-        latent = nodes[None].expand(x.shape[0], -1, -1)  # (B, M, q)
-        return torch.logsumexp(self.log_lik(x, y, latent) + log_w, dim=1)  # (B,)
+        return super().can_integrate()
 
     def quadrature_token_log_marginals(self, x: torch.Tensor, y: torch.Tensor | None,
                                        rule: quadrature.Rule) -> torch.Tensor:

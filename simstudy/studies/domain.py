@@ -68,9 +68,10 @@ def _method(name: str, table: dict, defaults: dict) -> PerturbationMethod:
     try:
         if "equation" in table and name not in baselines:
             return PerturbationMethod(name=name, **options)
-        if name not in baselines and name not in EQUATIONS:
+        if not PerturbationMethod.is_known(name):
             raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(PerturbationMethod.known_names())}, "
-                                 "or any label with equation = '...'")
+                                 "an equation's short label (is-8, q2-K8, ps-mh-B20), or any label with "
+                                 "equation = '...'")
         return PerturbationMethod.from_name(name, **options)
     except spec.SpecError:
         raise

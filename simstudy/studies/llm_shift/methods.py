@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from ...domain import MethodSpec
 from ...domain.methods import MERGED_KEYS
-from ...equations import EQUATIONS, Q2, PosteriorExact, parse_label
+from ...equations import EQUATIONS, Q2, PosteriorExact
 from ...validation import check_choice, check_int
 from .. import spec
 from .config import EVAL_SCOPES
@@ -74,24 +74,6 @@ METHOD_KEYS = frozenset(f.name for f in fields(LLMMethod)) - {"name"}
 _MERGED = (*MERGED_KEYS, "lora")
 
 
-def _label_forms() -> str:
-    return ", ".join(cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern)
-
-
-def _resolve_label(options: dict) -> None:
-    """An equation given by its short label (``is-8``: is-K with num_draws = 8) becomes its registry name and
-    options; the label's option wins over a ``num_draws`` of the tables. Unknown names are left to LLMMethod."""
-    equation = options.get("equation")
-    if not isinstance(equation, str) or equation in EQUATIONS:
-        return
-    try:
-        name, fixed = parse_label(equation)
-    except ValueError:
-        return
-    options["equation"] = name
-    options["equation_options"] = {**options.get("equation_options", {}), **fixed}
-
-
 def method_from_table(name: str, table: dict, defaults: dict) -> LLMMethod:
     """A method from its ``[methods.NAME]`` table over ``[defaults]``.
 
@@ -117,15 +99,12 @@ def method_from_table(name: str, table: dict, defaults: dict) -> LLMMethod:
                 options[key] = dict(table.get(key, {}))
             return LLMMethod.from_name(name, **options)
         if "equation" not in table:
-            if name in EQUATIONS:
-                options.pop("equation", None)
-                return LLMMethod.from_name(name, **options)
-            options["equation"] = name
-            _resolve_label(options)
-            if options["equation"] == name:
+            if not LLMMethod.is_known(name):
                 raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(LLMMethod.known_names())}, "
-                                     f"{_label_forms()}, or any label with equation = '...'")
-        _resolve_label(options)
+                                     "an equation's short label (is-8, q2-K8, ps-mh-B20), or any label with "
+                                     "equation = '...'")
+            options.pop("equation", None)
+            return LLMMethod.from_name(name, **options)
         return LLMMethod(name=name, **options)
     except spec.SpecError:
         raise
