@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +21,8 @@ __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+SCHEDULER_TIMEOUT = 3.0  # seconds to wait for a dask scheduler before saying it is unreachable
+_ADDRESS = re.compile(r"^(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):([0-9]+)/?$")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -40,13 +44,52 @@ def _positive_or_all(text: str) -> int:
 
 
 def _positive(text: str) -> int:
+    from .studies.tables import MAX_REPLICATES
+
     try:
         v = int(text)
     except ValueError:
         v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--replicates={text!r} is invalid; allowed: an integer >= 1")
+    if not 1 <= v <= MAX_REPLICATES:
+        raise argparse.ArgumentTypeError(f"--replicates={text!r} is invalid; allowed: an integer >= 1 and <= {MAX_REPLICATES}")
     return v
+
+
+def _scheduler_problem(address: str, label: str, *, connect: bool = True) -> str | None:
+    """None when ``address`` is a well-formed dask scheduler address that accepts a connection within
+    :data:`SCHEDULER_TIMEOUT` seconds; else the one-line reason."""
+    m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
+    if m is None or not 1 <= int(m.group(3)) <= 65535:
+        return (f"{label}={address!r} is not a scheduler address; allowed: tcp://HOST:PORT (PORT in 1..65535), "
+                "e.g. tcp://127.0.0.1:8786")
+    if not connect or (m.group(1) or "tcp") not in ("tcp", "tls", "ws", "wss"):
+        return None
+    host, port = m.group(2).strip("[]"), int(m.group(3))
+    try:
+        socket.create_connection((host, port), timeout=SCHEDULER_TIMEOUT).close()
+    except OSError as exc:
+        return (f"{label}={address!r} is unreachable ({type(exc).__name__}: {exc.strerror or exc} within "
+                f"{SCHEDULER_TIMEOUT:g} s); allowed: the address of a running dask scheduler")
+    return None
+
+
+def _out_problem(out: Path, label: str) -> str | None:
+    """None when ``out`` is (or can be created as) a writable directory; else the one-line reason."""
+    text = str(out)
+    if out.exists():
+        if not out.is_dir():
+            return f"{label}={text!r} is an existing file; allowed: a directory (existing or new)"
+        if not os.access(out, os.W_OK | os.X_OK):
+            return f"{label}={text!r} is not writable; allowed: a directory you can write to"
+        return None
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{label}={text!r} lies under the file {str(parent)!r}; allowed: a directory path"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{label}={text!r} cannot be created: {str(parent)!r} is not writable; allowed: a writable path"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     DEFAULT_STUDY = spec.DEFAULT_STUDY
     default_text = (f"{DEFAULT_STUDY!r} ({default.description}) into {default.out or 'results/' + DEFAULT_STUDY}/"
                     if default is not None else repr(DEFAULT_STUDY))
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("simstudy")
+    except PackageNotFoundError:
+        __version__ = "unknown"
     p = _OneLineParser(prog="simstudy", description="Monte Carlo simulation studies with MCSE (DESIGN §7).")
+    p.add_argument("--version", action="version", version=f"simstudy {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     r = sub.add_parser("run", help="run or resume a study",
                        description="Run (or resume) a study declared in a TOML file or built in. Without STUDY "
@@ -116,6 +166,13 @@ def _cmd_run(args) -> int:
     from .engine.report import format_summary
     from .studies.spec import SpecError, load_study_file
 
+    # the command line first (cheap), then the study file, then what the file adds: nothing runs before all hold
+    if args.scheduler is not None and args.backend not in (None, "dask"):
+        return _fail(f"--scheduler={args.scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
+    if args.out is not None and (problem := _out_problem(Path(args.out), "--out")):
+        return _fail(problem)
+    if args.scheduler is not None and (problem := _scheduler_problem(args.scheduler, "--scheduler", connect=False)):
+        return _fail(problem)
     try:
         sf, study, default_out = load_study_file(args.study, replicates=args.replicates)
     except SpecError as exc:
@@ -125,6 +182,11 @@ def _cmd_run(args) -> int:
     scheduler = args.scheduler or sf.run.get("scheduler")
     if scheduler is not None and backend != "dask":
         return _fail(f"--scheduler={scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
+    if args.out is None and (problem := _out_problem(out, "run.out" if sf.run.get("out") else "output folder")):
+        return _fail(problem)
+    label = "--scheduler" if args.scheduler is not None else "run.scheduler"
+    if scheduler is not None and (problem := _scheduler_problem(scheduler, label)):
+        return _fail(problem)
     n_jobs = args.n_jobs or sf.run.get("n_jobs")
     progress = False if args.no_progress else None
     try:

@@ -20,17 +20,31 @@ from .models import PerturbedLM
 from .validation import check_choice, check_int
 
 
-def kl_divergence(p_true: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
+def kl_divergence(p_true: np.ndarray, p_hat: np.ndarray | None = None, *,
+                  log_p_hat: np.ndarray | None = None) -> np.ndarray:
     """KL(p_true || p_hat) row by row, in nats: (N, V) x (N, V) -> (N,).
 
     Terms with p_true = 0 contribute 0; p_hat = 0 where p_true > 0 gives inf.
+    ``log_p_hat`` (the fit's log-probabilities, e.g. from a logsumexp over
+    quadrature nodes) replaces ``log(p_hat)``: the KL stays finite where
+    ``p_hat`` underflows to 0 though its logarithm is finite (a steep fitted
+    head), as it should.
     """
     p_true = np.asarray(p_true, dtype=np.float64)
-    p_hat = np.asarray(p_hat, dtype=np.float64)
-    if p_true.shape != p_hat.shape:
-        raise ValueError(f"shapes differ: truth {p_true.shape} vs fit {p_hat.shape}")
+    if log_p_hat is not None:
+        log_q = np.asarray(log_p_hat, dtype=np.float64)
+    elif p_hat is not None:
+        log_q = None
+        p_hat = np.asarray(p_hat, dtype=np.float64)
+    else:
+        raise ValueError("p_hat and log_p_hat are both None; allowed: one of them")
+    shape = log_q.shape if log_q is not None else p_hat.shape
+    if p_true.shape != shape:
+        raise ValueError(f"shapes differ: truth {p_true.shape} vs fit {shape}")
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p_true > 0, p_true * (np.log(p_true) - np.log(p_hat)), 0.0)
+        if log_q is None:
+            log_q = np.log(p_hat)
+        terms = np.where(p_true > 0, p_true * (np.log(p_true) - log_q), 0.0)
     return np.maximum(terms.sum(axis=-1), 0.0)
 
 
@@ -120,6 +134,9 @@ def extrapolation_curve(table: pd.DataFrame, *, bins: int | np.ndarray = 5, metr
     return pd.DataFrame(rows)
 
 
+LOG_SPACE_BELOW = 1e-200  # m-hat below this on a token the truth emits: KL from log m-hat (evaluate_marginals)
+
+
 def evaluate_marginals(model: PerturbedLM, *, prefixes: np.ndarray, truth: np.ndarray, distance: np.ndarray,
                        in_support: np.ndarray, method: str = "auto", num_draws: int = 2000,
                        generator: torch.Generator | None = None) -> MarginalEvaluation:
@@ -132,15 +149,67 @@ def evaluate_marginals(model: PerturbedLM, *, prefixes: np.ndarray, truth: np.nd
     (quadrature when q <= 3, else Monte Carlo with ``num_draws``).
     """
     x = torch.as_tensor(np.asarray(prefixes), dtype=torch.long, device=model.embedding.device)
+    replay = generator.get_state() if generator is not None else None
     with torch.no_grad():
         fitted = model.marginal(x, method=method, num_draws=num_draws, generator=generator)
+    kl = kl_divergence(truth, fitted.probs)
+    # rows where m-hat is below LOG_SPACE_BELOW on a token the truth emits (there the per-node or per-draw
+    # probabilities summed into m-hat underflow: to 0, giving inf, or to subnormals that have lost their
+    # digits): their KL from log m-hat, end to end; every other row keeps the probability path, bitwise
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(kl) | ((np.asarray(truth) > 0) & (np.asarray(fitted.probs, dtype=np.float64)
+                                                             < LOG_SPACE_BELOW)).any(axis=1)
+    if bad.any():
+        log_m = _log_marginal(model, x, method=method, num_draws=num_draws, replay=replay,
+                              replay_device=None if generator is None else generator.device)
+        if log_m is not None:
+            kl[bad] = kl_divergence(np.asarray(truth, dtype=np.float64)[bad], log_p_hat=log_m[bad])
     table = pd.DataFrame({
         "region": np.where(np.asarray(in_support), "ID", "OOS"),
         "distance": np.asarray(distance, dtype=float),
-        "kl": kl_divergence(truth, fitted.probs),
+        "kl": kl,
         "tv": tv_distance(truth, fitted.probs),
     })
     return MarginalEvaluation(table=table, marginal_error=fitted.max_error, marginal_method=fitted.method)
+
+
+@torch.no_grad()
+def _log_marginal(model: PerturbedLM, x: torch.Tensor, *, method: str, num_draws: int, replay=None,
+                  replay_device=None) -> np.ndarray | None:
+    """log m-hat(. | x), ``(N, V)``, computed in log space (logsumexp over quadrature nodes or Monte Carlo
+    draws) for the marginal ``model.marginal(x, method=..., num_draws=...)`` computes from probabilities.
+
+    Monte Carlo replays the same draws from ``replay`` (the generator's state before ``marginal``); without
+    it (the global generator), or for the discrete substitution kernel, returns None.
+    """
+    from . import quadrature
+    from .models.perturbations import DiscreteSubstitution, NoPerturbation
+
+    p = model.perturbation
+    if isinstance(p, NoPerturbation) or not p.perturb_at_eval:
+        return model.log_probs(x, None, None)[:, 0, 0].cpu().numpy()
+    if method == "auto":
+        method = "quadrature" if model.can_integrate() else "mc"
+    if isinstance(p, DiscreteSubstitution):
+        return None
+    if method in ("quadrature", "trapezoid", "gauss-hermite"):
+        rule = quadrature.default_rule(p.latent_dim)
+        if method == "gauss-hermite":
+            rule = quadrature.gauss_hermite(rule.num_nodes_per_dim, p.latent_dim)
+        return model.log_marginal_nodes(x, None, quadrature.refined(rule))[:, 0].cpu().numpy()
+    if method != "mc" or replay is None:
+        return None
+    generator = torch.Generator(device=replay_device or "cpu")
+    generator.set_state(replay)
+    batch = max(1, min(num_draws, 2_000_000 // max(1, x.shape[0] * model.vocab_size)))  # as marginal draws them
+    log_sum, done = None, 0
+    while done < num_draws:
+        k = min(batch, num_draws - done)
+        logp = model.log_probs(x, None, model.sample_latent(x, k, generator))[:, :, 0]  # (N, k, V)
+        part = torch.logsumexp(logp, dim=1)
+        log_sum = part if log_sum is None else torch.logaddexp(log_sum, part)
+        done += k
+    return (log_sum - math.log(num_draws)).cpu().numpy()
 
 
 def _identifiable_perturbation(model: PerturbedLM) -> torch.Tensor:

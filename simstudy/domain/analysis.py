@@ -28,14 +28,15 @@ def fit_and_evaluate(method: PerturbationMethod, data, *, num_bins: int = 4, mc_
 
     Returns a flat dict of floats: the metrics of :func:`~simstudy.domain.evaluate_student`, the
     solver's ``fit_<key>`` statistics for ``fit_keys`` and ``n_parameters`` (trainable). A fitted
-    marginal that is NaN raises FloatingPointError (the engine records the failure); an infinite
-    KL (a zero probability on a possible token) is a result, never dropped (DESIGN §3).
+    marginal that is NaN raises FloatingPointError; an infinite KL (a zero probability on a possible
+    token, DESIGN §3) is returned as it is and the engine records the row as ``nonfinite`` with its
+    value kept (issue 12: non-finite values are recorded failures, counted, never dropped).
     """
     student, fit = fit_method(method, data, exact=exact, device=device)
     out = evaluate_student(student, data, num_bins=num_bins, mc_draws=mc_draws, nodes=nodes)
     out.update(fit_statistics(fit, fit_keys))
     out["n_parameters"] = float(sum(p.numel() for p in student.parameters() if p.requires_grad))
-    if math.isnan(out["kl_id"]):
+    if math.isnan(out.get("kl_id", 0.0)):
         raise FloatingPointError("the fitted marginal is not finite")
     return out
 

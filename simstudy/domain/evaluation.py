@@ -6,7 +6,7 @@ else by Monte Carlo, whose plug-in KL is bias-corrected and carries its standard
 error (:func:`simstudy.metrics.mc_marginal_kl`). The replicate's metrics are:
 
 * ``kl_id``, ``kl_oos``, ``tv_id``, ``tv_oos``: prefix averages in and out of support
-  (``inf`` for an empty region), with ``mc_se_kl_id`` / ``mc_se_kl_oos`` (0 under quadrature);
+  (absent for an empty region), with ``mc_se_kl_id`` / ``mc_se_kl_oos`` (0 under quadrature);
 * ``kl_oos_bin<k>`` and ``distance_bin<k>``: the extrapolation curve, OOS KL in ``num_bins``
   equal bins of distance to the support;
 * ``marginal_error``: the quadrature error of the fitted marginal (doubling the nodes);
@@ -53,9 +53,11 @@ def region_metrics(data: ReplicateData, kl: np.ndarray, tv: np.ndarray, mc_se: n
     inside = data.distance == 0
     out: dict[str, float] = {}
     for tag, mask in (("id", inside), ("oos", ~inside)):
-        out[f"kl_{tag}"] = float(kl[mask].mean()) if mask.any() else math.inf
-        out[f"tv_{tag}"] = float(tv[mask].mean()) if mask.any() else math.inf
-        out[f"mc_se_kl_{tag}"] = float(np.sqrt((mc_se[mask] ** 2).sum()) / max(mask.sum(), 1))
+        if not mask.any():  # an empty region has no value (the summary counts it as missing), never inf
+            continue
+        out[f"kl_{tag}"] = float(kl[mask].mean())
+        out[f"tv_{tag}"] = float(tv[mask].mean())
+        out[f"mc_se_kl_{tag}"] = float(np.sqrt((mc_se[mask] ** 2).sum()) / mask.sum())
     oos = pd.DataFrame({"distance": data.distance[~inside], "kl": kl[~inside]})
     if len(oos):
         edges = np.linspace(0.0, float(oos["distance"].max()), num_bins + 1)

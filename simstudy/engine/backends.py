@@ -172,6 +172,14 @@ _LOKY_IDLE_WORKER = "A worker stopped while some jobs were given to the executor
 _WORKER_IDLE_TIMEOUT = 120
 
 
+def _ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C in a terminal signals the whole process group, workers included; the parent
+    alone handles it (keeps what finished, stops the workers), so a worker never dies of it mid-wait."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds) -> None:
     from joblib.externals.loky import get_reusable_executor
 
@@ -183,7 +191,8 @@ def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, tar
     blob = cloudpickle.dumps(payload)
     key = hashlib.sha256(blob).hexdigest()
     sys_path = list(sys.path)
-    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=_WORKER_IDLE_TIMEOUT)
+    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=_WORKER_IDLE_TIMEOUT,
+                                     initializer=_ignore_interrupts)
     chunker = _Chunker(items, target_seconds, batch_size)
     pending: dict = {}
 

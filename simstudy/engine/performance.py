@@ -225,12 +225,17 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
         ``"ok"`` and the estimand present), ``failures`` (rows of that
         condition and method whose status is not ``"ok"``). Estimands with a
         truth get every applicable measure of :data:`MEASURES`; any other
-        numeric column gets ``mean``.
+        numeric column gets ``mean``. A method whose ok rows return a value
+        in some replicates and not in others is never dropped silently: the
+        column ``missing`` (after ``failures``, present when any count is
+        above 0) counts the ok rows of that condition and method that lack
+        a value the measure needs (``n_used + missing`` = the ok rows).
+        The ``warnings`` count of the table is not a metric.
     """
 
     if reference is not None and reference not in methods:
         raise ValueError(f"reference={reference!r} is invalid; allowed: one of {list(methods)}")
-    fixed = {"condition", "replicate", "method", "status", "message", *factors}
+    fixed = {"condition", "replicate", "method", "status", "message", "warnings", "warning_message", *factors}
     numeric = [c for c in table.columns if c not in fixed and pd.api.types.is_numeric_dtype(table[c])]
     estimands: list[str] = []
     for t in truths:
@@ -253,9 +258,10 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
             if not len(mt) and not fails[m] and not (ctab["method"] == m).any():
                 continue
 
-            def add(estimand, measure, meas, n):
+            def add(estimand, measure, meas, n, missing=None):
                 out.append({"condition": c, **base, "method": m, "estimand": estimand, "measure": measure,
-                            "value": meas.value, "mcse": meas.mcse, "n_used": int(n), "failures": fails[m]})
+                            "value": meas.value, "mcse": meas.mcse, "n_used": int(n), "failures": fails[m],
+                            "missing": int(len(mt) - n if missing is None else missing)})
 
             for e in estimands:
                 if e not in truths[c]:
@@ -290,7 +296,8 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
                     pair = rows[["replicate", e]].merge(ref, on="replicate", suffixes=("", "_ref"))
                     if len(pair):
                         add(e, "rel_efficiency", rel_efficiency(pair[f"{e}_ref"].to_numpy(np.float64),
-                                                                pair[e].to_numpy(np.float64)), len(pair))
+                                                                pair[e].to_numpy(np.float64)), len(pair),
+                            len(mt) - len(rows))
                 if "pvalue" in cc:
                     pv = rows[cc["pvalue"]].dropna().to_numpy(np.float64)
                     if pv.size:
@@ -300,7 +307,12 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
                 if x.size:
                     add(col, "mean", mean(x), x.size)
     columns = ["condition", *factors, "method", "estimand", "measure", "value", "mcse", "n_used", "failures"]
-    frame = pd.DataFrame(out, columns=columns)
-    frame.attrs["note"] = ("measures use replicates with status 'ok' (column n_used); column failures counts the "
-                           "other rows of each condition and method")
+    frame = pd.DataFrame(out, columns=columns + ["missing"])
+    note = ("measures use replicates with status 'ok' (column n_used); column failures counts the other rows of "
+            "each condition and method")
+    if len(frame) and (frame["missing"] > 0).any():
+        note += "; column missing counts ok rows that did not return the value"
+    else:
+        frame = frame[columns]
+    frame.attrs["note"] = note
     return frame

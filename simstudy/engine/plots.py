@@ -21,7 +21,7 @@ from .rates import RateResult
 from .storage import atomic_write_bytes
 from .tidy import companion_columns
 
-__all__ = ["COLORS", "save_figure", "rate_plot", "measure_plot", "bias_plot", "zip_plot", "extrapolation_plot", "make_figures",
+__all__ = ["COLORS", "save_figure", "rate_plot", "measure_plot", "bias_plot", "zip_plot", "extrapolation_plot",
            "condition_labels"]
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -60,8 +60,11 @@ def rate_plot(rate: RateResult, ax=None, *, z: float = 1.96, title: str | None =
     -------
     matplotlib.figure.Figure
     """
-    fig, ax = _axes(ax)
     pts, fits = rate.points, rate.fits
+    if not len(pts) or not pts["fitted"].astype(bool).any():
+        raise ValueError(f"no level of {rate.x} has a positive mean of {rate.metric} with an MCSE (an MCSE needs "
+                         f"at least 2 replicates per level), so there is nothing to draw on a log axis")
+    fig, ax = _axes(ax)
     for i, (_, fit) in enumerate(fits.iterrows()):
         color = COLORS[i % len(COLORS)]
         mask = np.ones(len(pts), dtype=bool)
@@ -254,7 +257,8 @@ def zip_plot(result, estimand: str = "estimate", *, conditions: Sequence[int] | 
 
 
 def extrapolation_plot(frame: pd.DataFrame, metric: str, *, distance: str = "distance", method: str = "method",
-                       z: float = 1.96, ax=None, xlabel: str | None = None, title: str | None = None) -> Figure:
+                       z: float = 1.96, ax=None, xlabel: str | None = None, title: str | None = None,
+                       dodge: float = 0.5) -> Figure:
     """Extrapolation curve: mean metric against distance to the support, per method.
 
     Parameters
@@ -273,6 +277,10 @@ def extrapolation_plot(frame: pd.DataFrame, metric: str, *, distance: str = "dis
         Error bar half-width in MCSE units (MCSE = sd / sqrt(n) per point).
     ax : matplotlib Axes, optional
     xlabel, title : str, optional
+    dodge : float
+        Methods' points are offset horizontally (as in :func:`measure_plot`)
+        so that they do not sit on top of each other: together they span this
+        fraction of the smallest gap between distances (0: no offset).
 
     Returns
     -------
@@ -285,9 +293,15 @@ def extrapolation_plot(frame: pd.DataFrame, metric: str, *, distance: str = "dis
     data = frame[[method, distance, metric]].dropna()
     agg = data.groupby([method, distance], sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
     agg["mcse"] = agg["std"] / np.sqrt(agg["count"])
-    for j, m in enumerate(dict.fromkeys(agg[method])):
+    methods = list(dict.fromkeys(agg[method]))
+    levels = np.unique(agg[distance].to_numpy(float))
+    gaps = np.diff(levels)
+    gap = float(gaps.min()) if len(gaps) else (abs(float(levels[0])) or 1.0) * 0.2 if len(levels) else 1.0
+    width = dodge * gap / max(1, len(methods))
+    for j, m in enumerate(methods):
         a = agg[agg[method] == m].sort_values(distance)
-        ax.errorbar(a[distance].to_numpy(float), a["mean"].to_numpy(float), yerr=z * a["mcse"].fillna(0).to_numpy(),
+        xs = a[distance].to_numpy(float) + (j - (len(methods) - 1) / 2) * width
+        ax.errorbar(xs, a["mean"].to_numpy(float), yerr=z * a["mcse"].fillna(0).to_numpy(),
                     fmt="-o", capsize=3, ms=4, color=COLORS[j % len(COLORS)], label=str(m))
     ax.set_xlabel(xlabel or distance)
     ax.set_ylabel(f"mean {metric}")
@@ -307,73 +321,3 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
     fig.savefig(buffer, dpi=dpi, format=(path.suffix[1:] or "png"))
     atomic_write_bytes(path, buffer.getvalue())
     return path
-
-
-def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | None = None,
-                 rates: Sequence[RateResult] | None = None, max_metrics: int = 6) -> list[tuple[str, Path]]:
-    """Write the standard figures of a study to ``outdir``.
-
-    Bias (estimands with a truth), coverage and zip plots (estimands with
-    intervals), the mean of each other metric, the rate plots declared in the
-    study's ``options["rates"]`` and any ``options["figures"]`` hooks
-    (``options["headline"]``, a list of metric names, restricts and orders the
-    mean plots)
-    (``"module:function"``, called as ``fn(result, outdir)`` and returning
-    ``[(title, path), ...]``).
-
-    Parameters
-    ----------
-    result : StudyResult
-    outdir : path
-        Folder for the PNG files (created).
-    summary : DataFrame, optional
-        Precomputed :meth:`StudyResult.summary`.
-    rates : list of RateResult, optional
-        Precomputed rate fits (default: :meth:`StudyResult.rates`).
-    max_metrics : int
-        At most this many ``mean`` plots.
-
-    Returns
-    -------
-    list of (str, Path)
-        Title and file of each figure written.
-    """
-
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    summary = result.summary() if summary is None else summary
-    level = float(result.options.get("level", 0.95))
-    out: list[tuple[str, Path]] = []
-    estimands = list(dict.fromkeys(summary.loc[summary["measure"] == "bias", "estimand"]))
-    for e in estimands:
-        fig = bias_plot(summary, e, factors=result.factors)
-        out.append((f"Bias of {e}", save_figure(fig, outdir / f"bias_{e}.png")))
-        if ((summary["estimand"] == e) & (summary["measure"] == "coverage")).any():
-            fig = measure_plot(summary, "coverage", e, factors=result.factors, reference_line=level)
-            out.append((f"Coverage of {e}", save_figure(fig, outdir / f"coverage_{e}.png")))
-            n_est = len({k for t in result.truths for k in t})
-            if {"ci_low", "ci_high"} <= set(companion_columns(e, result.table.columns, n_est)):
-                fig = zip_plot(result, e, level=level)
-                out.append((f"Zip plot of {e}", save_figure(fig, outdir / f"zip_{e}.png")))
-    metrics = [m for m in dict.fromkeys(summary.loc[summary["measure"] == "mean", "estimand"]) if m not in estimands]
-    headline = result.options.get("headline")
-    if headline:  # the study names the metrics that matter; plot those, in that order
-        metrics = [m for m in headline if m in metrics]
-    for m in metrics[:max_metrics]:
-        fig = measure_plot(summary, "mean", m, factors=result.factors)
-        out.append((f"Mean of {m}", save_figure(fig, outdir / f"mean_{m}.png")))
-    rates = result.rates() if rates is None else rates
-    for i, r in enumerate(rates):
-        fig = rate_plot(r)
-        out.append((f"Rate of {r.metric} in {r.x}", save_figure(fig, outdir / f"rate_{i}_{_slug(r.metric)}.png")))
-    from .callables import resolve_callable
-
-    for hook in result.options.get("figures", []):
-        fn = resolve_callable(hook, "figures") if isinstance(hook, str) else hook
-        for title, path in fn(result, outdir) or []:
-            out.append((str(title), Path(path)))
-    return out
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_") or "metric"

@@ -64,19 +64,36 @@ class RateResult:
     notes: list = field(default_factory=list)
 
     def summary(self) -> str:
-        """A readable table of the fits (one line per group)."""
+        """A readable table of the fits (one line per group), in words.
+
+        Each line reads ``slope -0.61 [-0.90, -0.30]; theory -1 outside the 95% interval``: the fitted
+        slope of log mean on log x with its interval, and whether the theoretical slope lies in it. The
+        lack-of-fit test (does a straight line fit the levels?) needs three or more levels of x; with two
+        it has no degrees of freedom and the line says "not testable with 2 levels".
+        """
+        pct = f"{self.level * 100:g}%"
         lines = [f"Rate of {self.metric} in {self.x}: WLS of log mean on log {self.x} "
-                 f"({int(self.level * 100)}% intervals, scale={self.scale})"]
+                 f"({pct} intervals, scale={self.scale})"]
         if self.theory_slope is not None:
             lines[0] += f"; theory slope {self.theory_slope:g}"
         if self.theory_constant is not None:
             lines[0] += f", theory constant {self.theory_constant:g}"
         for _, row in self.fits.iterrows():
             label = ", ".join(f"{b}={row[b]}" for b in self.by) or "all"
-            text = (f"  {label}: slope {row['slope']:.3f} [{row['slope_low']:.3f}, {row['slope_high']:.3f}]"
-                    f", constant {row['constant']:.4g}, k={int(row['k'])}, lack-of-fit p={row['lack_of_fit_p']:.3g}")
+            k = int(row["k"])
+            if not np.isfinite(row["slope"]):
+                lines.append(f"  {label}: no fit ({k} usable level(s) of {self.x}; a fit needs 2, each with a "
+                             "positive mean and an MCSE)")
+                continue
+            text = f"  {label}: slope {row['slope']:.3g} [{row['slope_low']:.3g}, {row['slope_high']:.3g}]"
             if self.theory_slope is not None:
-                text += "  theory slope " + ("inside" if row["slope_ok"] else "OUTSIDE") + " the interval"
+                text += (f"; theory {self.theory_slope:g} " + ("inside" if row["slope_ok"] else "outside")
+                         + f" the {pct} interval")
+            text += f"; constant {row['constant']:.4g}; "
+            if np.isfinite(row["lack_of_fit_p"]):
+                text += f"lack-of-fit p={row['lack_of_fit_p']:.3g} ({k} levels; small p: not a straight line)"
+            else:
+                text += f"lack-of-fit: not testable with {k} levels"
             lines.append(text)
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

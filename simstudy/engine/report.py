@@ -105,6 +105,9 @@ def _rate_section(rate: RateResult) -> list[str]:
                                         "constant", "theory_fit_constant", "theory_fit_constant_low",
                                         "theory_fit_constant_high", "lack_of_fit_p"] if c in rate.fits]
     lines += [markdown_table(rate.fits[keep]), ""]
+    if "lack_of_fit_p" in rate.fits and rate.fits["lack_of_fit_p"].isna().any():
+        lines += ["lack_of_fit_p is blank where it is not testable: the chi-square lack-of-fit test needs 3 or "
+                  f"more levels of {rate.x} (with 2 the line fits exactly; no degrees of freedom).", ""]
     s_txt = "the theoretical slope" if rate.theory_slope is not None else "the fitted slope"
     lines += [f"Per {rate.x}: mean with MCSE, and the constant {rate.x}^(-s) x mean with s {s_txt}:", ""]
     pk = list(rate.by) + [c for c in [rate.x, "n_used", "mean", "mcse", "constant", "constant_mcse", "constant_z",
@@ -116,7 +119,7 @@ def _rate_section(rate: RateResult) -> list[str]:
 
 def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[str, os.PathLike]] | None = None,
                  summary: pd.DataFrame | None = None, rates: Sequence[RateResult] | None = None,
-                 max_failures: int = 20) -> Path:
+                 max_failures: int = 20, skipped_figures: Sequence[str] | None = None) -> Path:
     """Write ``outdir/report.md``.
 
     Parameters
@@ -125,13 +128,17 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
     outdir : path
         Folder of the report; figure paths are written relative to it.
     figures : list of (title, path), optional
-        Figures to embed (e.g. from :func:`simstudy.engine.plots.make_figures`).
+        Figures to embed (e.g. from :func:`simstudy.engine.figures.make_figures`).
     summary : DataFrame, optional
         Precomputed summary.
     rates : list of RateResult, optional
         Precomputed rate fits (default: the study's declared rates).
     max_failures : int
         Failure messages listed individually.
+    skipped_figures : list of str, optional
+        One-line notes of figures that could not be drawn, listed under
+        Figures (those of a :class:`~simstudy.engine.figures.FigureList` passed
+        as ``figures`` are listed too).
 
     Returns
     -------
@@ -198,11 +205,13 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
         lines += ["## Rates", ""]
         for r in rates:
             lines += _rate_section(r)
-    if figures:
+    skipped = list(getattr(figures, "skipped", ()) or ()) + list(skipped_figures or ())
+    if figures or skipped:
         lines += ["## Figures", ""]
-        for title, path in figures:
+        for title, path in figures or []:
             rel = os.path.relpath(Path(path), outdir)
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+        lines += [f"- skipped: {note}" for note in skipped] + ([""] if skipped else [])
     path = outdir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -247,8 +247,8 @@ class StudyResult:
 
     # -- output --------------------------------------------------------------------------------------------
     def plot(self, outdir: str | os.PathLike) -> list[tuple[str, Path]]:
-        """Write the standard figures (see :func:`simstudy.engine.plots.make_figures`)."""
-        from .plots import make_figures
+        """Write the standard figures (see :func:`simstudy.engine.figures.make_figures`)."""
+        from .figures import make_figures
 
         return make_figures(self, outdir)
 

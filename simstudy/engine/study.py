@@ -11,7 +11,6 @@ performance measures with Monte Carlo standard errors can be computed by
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -27,9 +26,10 @@ from . import seeds as _seeds
 from .design import RESERVED_COLUMNS, expand_design, factor_names
 from .result import StudyResult
 from .extension import import_other_counts, smaller_versions
+from .limits import check_limits
 from .storage import Store, callable_fingerprint, config_hash
 from .tidy import finalise, raw_frame
-from .worker import Payload, run_batch, to_value, wants_rng
+from .worker import Payload, check_truth_value, run_batch, wants_rng
 
 __all__ = ["Study"]
 
@@ -63,16 +63,6 @@ def _normalise_methods(analyse: Any) -> dict[str, Callable]:
         if not callable(fn):
             raise ValueError(f"analyse[{name!r}]={fn!r} is invalid; allowed: a callable (data, cond) -> dict")
     return methods
-
-
-def _check_truth_value(name: str, value: Any, cond_index: int) -> float:
-    try:
-        v = to_value(value)
-    except TypeError:
-        v = None
-    if not isinstance(v, float) or math.isnan(v):
-        raise ValueError(f"truth(condition {cond_index})[{name!r}]={value!r} is invalid; allowed: a real number")
-    return v
 
 
 def _package_version() -> str:
@@ -137,6 +127,11 @@ class Study:
         keyword dicts for :meth:`StudyResult.rate`), ``level`` (nominal
         coverage, default 0.95), ``description``, ``figures`` (list of
         ``"module:function"`` hooks ``fn(result, figdir) -> [(title, path)]``).
+    timeout : float, optional
+        Seconds one replicate (generate + methods) may run; beyond, its rows
+        are recorded ``"timeout"`` and the study goes on. ``promote_warnings``:
+        warning classes (or names) recorded as failures (status ``"warning"``);
+        other warnings are counted per row. See :mod:`simstudy.engine.limits`.
 
     Examples
     --------
@@ -148,7 +143,9 @@ class Study:
 
     def __init__(self, design, generate: Callable, analyse, truth: Callable | None = None, replicates: int = 100,
                  seed: int | None = None, *, name: str | None = None, fingerprint: str | None = None,
-                 copy_data: bool = True, seed_torch: bool | None = None, options: Mapping | None = None):
+                 copy_data: bool = True, seed_torch: bool | None = None, options: Mapping | None = None,
+                 timeout: float | None = None, promote_warnings=()):
+        self.timeout, self.promote_warnings = check_limits(timeout, promote_warnings)
         self.conditions = expand_design(design)
         self.factors = factor_names(self.conditions)
         if not callable(generate):
@@ -204,7 +201,7 @@ class Study:
                 t = self.truth(dict(cond))
                 if not isinstance(t, Mapping):
                     t = {"estimate": t}
-                out.append({str(k): _check_truth_value(str(k), v, i) for k, v in t.items()})
+                out.append({str(k): check_truth_value(str(k), v, i) for k, v in t.items()})
             self._truths = out
         return self._truths
 
@@ -217,7 +214,8 @@ class Study:
 
     def _at_count(self, replicates: int) -> str:
         return config_hash(conditions=self.conditions, methods=list(self.methods), replicates=replicates,
-                           seed=self.seed, fingerprint=self.fingerprint)
+                           seed=self.seed,  # promoted warnings change what a failure is: part of the study
+                           fingerprint=self.fingerprint + "".join(f"\n{w}" for w in self.promote_warnings))
 
     def __repr__(self) -> str:
         return (f"Study(name={self.name!r}, conditions={len(self.conditions)}, methods={list(self.methods)}, "
@@ -233,7 +231,8 @@ class Study:
         return Payload(generate=self.generate,
                         methods=tuple((k, f, wants_rng(f)) for k, f in self.methods.items()),
                         conditions=tuple(self.conditions), seed=self.seed, factors=frozenset(self.factors),
-                        seed_torch=seed_torch, copy_data=self.copy_data)
+                        seed_torch=seed_torch, copy_data=self.copy_data, timeout=self.timeout,
+                        promote=self.promote_warnings)
 
     # -- single replicates ---------------------------------------------------------------------------------
     def rng(self, condition: int, replicate: int) -> np.random.Generator:

@@ -3,7 +3,9 @@
 :func:`finalise` deduplicates, sorts and types the raw rows of a study and adds
 the design factors; the result depends only on the set of rows, never on their
 arrival order, so tables are bitwise identical across backends and worker
-counts. :func:`companion_columns` finds the standard error, interval and
+counts. Columns ``warnings`` (int64) and ``warning_message`` follow ``message``
+when any row recorded a warning (see :mod:`simstudy.engine.limits`); rows
+without one have 0 and "". :func:`companion_columns` finds the standard error, interval and
 p-value columns that belong to an estimand.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pandas as pd
 
 from .design import conditions_frame
 from .storage import KEY
+from .worker import WARNING_COLUMNS
 
 __all__ = ["Final", "companion_columns", "finalise", "raw_frame"]
 
@@ -70,7 +73,15 @@ def finalise(raw: pd.DataFrame, conditions: list[dict], methods: list[str], trut
     if "_seconds" not in raw:
         raw["_seconds"] = np.nan
     raw["_seconds"] = raw["_seconds"].astype("float64")
-    fixed = {"condition", "replicate", "method", "status", "message", "_seconds"}
+    warned = [c for c in WARNING_COLUMNS if c in raw.columns]
+    if "warnings" in raw.columns and (raw["warnings"].fillna(0) > 0).any():
+        raw["warnings"] = raw["warnings"].fillna(0).astype("int64")
+        raw["warning_message"] = raw.get("warning_message", pd.Series("", index=raw.index)).fillna("").astype("str")
+        warned = list(WARNING_COLUMNS)
+    else:
+        raw = raw.drop(columns=warned)
+        warned = []
+    fixed = {"condition", "replicate", "method", "status", "message", "_seconds", *WARNING_COLUMNS}
     value_cols = [c for c in raw.columns if c not in fixed]
     for col in value_cols:
         s = raw[col]
@@ -98,8 +109,8 @@ def finalise(raw: pd.DataFrame, conditions: list[dict], methods: list[str], trut
     for f in factors:
         table[f] = cond[f].to_numpy()[idx] if len(idx) else cond[f].iloc[:0].to_numpy()
         table[f] = table[f].astype(cond[f].dtype)
-    for col in ["replicate", "method", "status", "message"] + ordered:
+    for col in ["replicate", "method", "status", "message"] + warned + ordered:
         table[col] = raw[col]
     timings = raw[["condition", "replicate", "method", "_seconds"]].rename(columns={"_seconds": "seconds"})
-    raw = raw[["condition", "replicate", "method", "status", "message", "_seconds"] + ordered]
+    raw = raw[["condition", "replicate", "method", "status", "message", "_seconds"] + warned + ordered]
     return Final(table=table, raw=raw, timings=timings)

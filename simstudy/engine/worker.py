@@ -5,6 +5,14 @@ backends); :func:`run_batch` runs a batch of (condition, replicate, methods)
 items, one thread each, and returns raw rows: one per (condition, replicate,
 method) with its status, message, seconds and returned values. Every failure in
 ``generate`` or a method is recorded, never raised (DESIGN §7).
+
+What is a failure (the status recorded): an exception (``"error"``, or the
+exception's ``status`` such as ``"diverged"``); a returned NaN or None
+(``"nan"``); a returned infinity (``"nonfinite"``); a return value of the
+wrong form (``"error"``); a warning of a class promoted to an error
+(``"warning"``); the replicate's time limit (``"timeout"``). Rows with a NaN or an infinity keep the
+returned values in the table. Other warnings are counted per row (columns
+``warnings`` and ``warning_message``, see :mod:`simstudy.engine.limits`).
 """
 from __future__ import annotations
 
@@ -23,12 +31,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import limits as _limits
 from . import seeds as _seeds
 from .design import RESERVED_COLUMNS
 
-__all__ = ["Payload", "convert_output", "run_batch", "run_one", "to_value", "wants_rng"]
+__all__ = ["ENGINE_COLUMNS", "Payload", "convert_output", "run_batch", "run_one", "to_value", "wants_rng"]
 
 _MESSAGE_MAX = 500
+#: Columns the engine writes besides RESERVED_COLUMNS (only when some row warned); no method may return them.
+WARNING_COLUMNS = ("warnings", "warning_message")
+ENGINE_COLUMNS = RESERVED_COLUMNS + WARNING_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class Payload:
     factors: frozenset
     seed_torch: bool | None
     copy_data: bool
+    timeout: float | None = None  # seconds per replicate (generate + methods)
+    promote: tuple = ()  # names of warning classes raised as errors (status "warning")
 
 
 def wants_rng(fn: Callable) -> bool:
@@ -65,7 +79,9 @@ def _message(exc: BaseException, stage: str = "") -> str:
     return text if len(text) <= _MESSAGE_MAX else text[:_MESSAGE_MAX - 3] + "..."
 
 
-def _status_of(exc: BaseException) -> str:
+def _status_of(exc: BaseException, promoted: tuple = ()) -> str:
+    if promoted and isinstance(exc, promoted):
+        return "warning"
     status = getattr(exc, "status", None)
     if isinstance(status, str) and status and status != "ok":
         return status
@@ -89,6 +105,17 @@ def to_value(v: Any) -> Any:
     raise TypeError(f"value of type {type(v).__name__} is unsupported; allowed: a real scalar, bool, str or None")
 
 
+def check_truth_value(name: str, value: Any, cond_index: int) -> float:
+    """A true value of ``truth(cond)`` as float; ValueError naming it otherwise."""
+    try:
+        v = to_value(value)
+    except TypeError:
+        v = None
+    if not isinstance(v, float) or math.isnan(v):
+        raise ValueError(f"truth(condition {cond_index})[{name!r}]={value!r} is invalid; allowed: a real number")
+    return v
+
+
 def convert_output(out: Any, factors: frozenset) -> tuple[str, str, dict]:
     """Turn a method's return value into (status, message, values)."""
     if isinstance(out, pd.Series):
@@ -100,9 +127,9 @@ def convert_output(out: Any, factors: frozenset) -> tuple[str, str, dict]:
             return "error", f"returned {type(out).__name__}; allowed: a dict of named scalars or one scalar", {}
     values: dict[str, Any] = {}
     for k, v in out.items():
-        if not isinstance(k, str) or not k or k in RESERVED_COLUMNS or k in factors or k.startswith("_"):
+        if not isinstance(k, str) or not k or k in ENGINE_COLUMNS or k in factors or k.startswith("_"):
             return "error", (f"returned key {k!r}; allowed: a non-empty string not starting with '_', not in "
-                             f"{list(RESERVED_COLUMNS)} and not a design factor"), {}
+                             f"{list(ENGINE_COLUMNS)} and not a design factor"), {}
         try:
             values[k] = to_value(v)
         except TypeError as exc:
@@ -110,63 +137,92 @@ def convert_output(out: Any, factors: frozenset) -> tuple[str, str, dict]:
     bad = [k for k, v in values.items() if isinstance(v, float) and math.isnan(v)]
     if bad:
         return "nan", "NaN in: " + ", ".join(bad), values
+    inf = [f"{k}={v}" for k, v in values.items() if isinstance(v, float) and math.isinf(v)]
+    if inf:
+        return "nonfinite", "non-finite: " + ", ".join(inf), values
     return "ok", "", values
 
 
 def _call(payload: Payload, fn: Callable, seed_args: tuple, make_args: Callable[[], tuple],
-          kwargs: Callable[[], dict]) -> Any:
-    """Call ``fn`` with torch seeded from ``seed_args``.
+          kwargs: Callable[[], dict], promoted: tuple = (), seconds: float | None = None) -> tuple[Any, list]:
+    """Call ``fn`` with torch seeded from ``seed_args``; return (result, warnings it raised).
 
     With ``seed_torch=None`` a call that imports torch for the first time in
     this process ran unseeded; it is run once more, now seeded and pinned to
     one thread, so that the row does not depend on which replicate happened
-    to import torch in which worker.
+    to import torch in which worker (only the second call's warnings count).
+    Warnings and the time limit: :func:`simstudy.engine.limits.guarded`.
     """
     auto = payload.seed_torch is None
     loaded = "torch" in sys.modules
+    t0 = time.perf_counter()
     if payload.seed_torch is not False:
         _seeds.seed_torch_if_loaded(*seed_args, force=bool(payload.seed_torch))
-    out = fn(*make_args(), **kwargs())
+    out, caught = _limits.guarded(lambda: fn(*make_args(), **kwargs()), promoted, seconds)
     if auto and not loaded and "torch" in sys.modules:
         _seeds.pin_torch_threads()
         _seeds.seed_torch_if_loaded(*seed_args)
-        out = fn(*make_args(), **kwargs())
-    return out
+        left = None if seconds is None else seconds - (time.perf_counter() - t0)
+        out, caught = _limits.guarded(lambda: fn(*make_args(), **kwargs()), promoted, left)
+    return out, caught
+
+
+def _warning_text(w) -> str:
+    text = f"{w.category.__name__}: {w.message}"
+    return text if len(text) <= _MESSAGE_MAX else text[:_MESSAGE_MAX - 3] + "..."
+
+
+def _timeout_message(payload: Payload, stage: str) -> str:
+    return f"{stage}exceeded the time limit of the replicate (timeout={payload.timeout:g} s)"
 
 
 def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> list[dict]:
     """Run the listed methods on replicate ``r`` of condition ``c``; one row per method."""
     seed = payload.seed
     cond = dict(payload.conditions[c])
+    promoted = _limits.resolve_warnings(payload.promote)
     rows = []
     t0 = time.perf_counter()
+    end = None if payload.timeout is None else t0 + payload.timeout
+    gen_warnings: list = []
     try:
-        data = _call(payload, payload.generate, (seed, c, r, None),
-                     lambda: (dict(cond), _seeds.replicate_rng(seed, c, r)), dict)
+        data, gen_warnings = _call(payload, payload.generate, (seed, c, r, None),
+                                   lambda: (dict(cond), _seeds.replicate_rng(seed, c, r)), dict, promoted,
+                                   payload.timeout)
         failure = None
+    except _limits.ReplicateTimeout:
+        failure = ("timeout", _timeout_message(payload, "generate: "))
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, never raised (DESIGN §7)
-        failure = (_status_of(exc), _message(exc, "generate: "))
+        failure = (_status_of(exc, promoted), _message(exc, "generate: "))
     gen_seconds = time.perf_counter() - t0
     last = len(method_indices) - 1
     for pos, m in enumerate(method_indices):
         name, fn, wants_rng = payload.methods[m]
         row = {"condition": c, "replicate": r, "method": name}
+        caught = list(gen_warnings)
         if failure is not None:
             row.update(status=failure[0], message=failure[1], _seconds=0.0)
-            rows.append(row)
-            continue
-        t1 = time.perf_counter()
-        # Methods must all see the same data, also on resume where only some run: copy for all but the last.
-        copy_it = payload.copy_data and pos < last
-        try:
-            out = _call(payload, fn, (seed, c, r, m),
-                        lambda: (copy.deepcopy(data) if copy_it else data, dict(cond)),
-                        (lambda: {"rng": _seeds.method_rng(seed, c, r, m)}) if wants_rng else dict)
-            status, message, values = convert_output(out, payload.factors)
-        except Exception as exc:  # noqa: BLE001
-            status, message, values = _status_of(exc), _message(exc), {}
-        row.update(status=status, message=message, _seconds=time.perf_counter() - t1 + gen_seconds)
-        row.update(values)
+        elif end is not None and time.perf_counter() >= end:
+            row.update(status="timeout", message=_timeout_message(payload, "not run: "), _seconds=0.0)
+        else:
+            t1 = time.perf_counter()
+            # Methods must all see the same data, also on resume where only some run: copy for all but the last.
+            copy_it = payload.copy_data and pos < last
+            try:
+                out, more = _call(payload, fn, (seed, c, r, m),
+                                  lambda: (copy.deepcopy(data) if copy_it else data, dict(cond)),
+                                  (lambda: {"rng": _seeds.method_rng(seed, c, r, m)}) if wants_rng else dict,
+                                  promoted, None if end is None else end - t1)
+                caught += more
+                status, message, values = convert_output(out, payload.factors)
+            except _limits.ReplicateTimeout:
+                status, message, values = "timeout", _timeout_message(payload, ""), {}
+            except Exception as exc:  # noqa: BLE001
+                status, message, values = _status_of(exc, promoted), _message(exc), {}
+            row.update(status=status, message=message, _seconds=time.perf_counter() - t1 + gen_seconds)
+            row.update(values)
+        if caught:
+            row.update(warnings=len(caught), warning_message=_warning_text(caught[0]))
         rows.append(row)
     return rows
 

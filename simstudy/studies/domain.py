@@ -41,13 +41,16 @@ A study file of this kind::
 """
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 
 from .. import dgm as dgms
-from ..domain import PerturbationMethod, make_analyse, make_generate
+from ..domain import PerturbationMethod, cached_dgm, make_analyse, make_generate
+from ..fit import SGDConfig
 from ..engine import Study
 from ..equations import EQUATIONS
 from . import spec
@@ -56,10 +59,33 @@ METHOD_KEYS = {f.name for f in fields(PerturbationMethod)} - {"name"}
 EVALUATION_KEYS = {"bins", "mc_draws", "headline"}
 HEADLINE = ["kl_id", "kl_oos", "tv_id", "tv_oos", "scale_ratio"]
 QUICK_STUDY = Path(__file__).with_name("quick.toml")
+#: Metrics a replicate of this kind returns (DESIGN §5; simstudy.domain.evaluation), for checking headline and rates.
+METRICS = {"kl_id", "kl_oos", "tv_id", "tv_oos", "mc_se_kl_id", "mc_se_kl_oos", "marginal_error", "truth_shift_id",
+           "truth_shift_oos", "teacher_seed", "cov_error", "cov_spectrum_error", "scale_ratio", "n_parameters",
+           "fit_steps", "fit_evaluations", "fit_grad_norm", "fit_quadrature_error"}
+SGD_KEYS = [f.name for f in fields(SGDConfig)]
+
+
+def is_metric(name: str) -> bool:
+    """Whether a replicate of the perturbation kind returns the metric ``name``."""
+    return name in METRICS or re.fullmatch(r"(kl_oos|distance)_bin[1-9][0-9]*", name) is not None
+
+
+def _check_sgd(table, where: str) -> None:
+    if "sgd" not in table:
+        return
+    if not isinstance(table["sgd"], dict):
+        raise spec.SpecError(f"{where}.sgd={table['sgd']!r} has the wrong type; allowed: a table of SGDConfig "
+                             f"fields ({', '.join(SGD_KEYS)})")
+    for key in table["sgd"]:
+        if key not in SGD_KEYS:
+            raise spec.SpecError(f"{where}.sgd.{key} is an unknown key; allowed: the SGDConfig fields "
+                                 f"{', '.join(SGD_KEYS)}")
 
 
 def _method(name: str, table: dict, defaults: dict) -> PerturbationMethod:
     spec.check_keys(table, METHOD_KEYS, f"methods.{name}")
+    _check_sgd(table, f"methods.{name}")
     options = {**defaults, **table}
     for key in ("sgd", "equation_options", "perturbation_options"):
         if key in defaults and key in table:
@@ -82,7 +108,8 @@ def _method(name: str, table: dict, defaults: dict) -> PerturbationMethod:
 def _dgm_table(t: dict) -> tuple[dict, bool, set]:
     """The ``[dgm]`` table: (options for :func:`simstudy.domain.cached_dgm`, fresh_teacher, the DGM's keywords)."""
     if not isinstance(t.get("dgm", {}), dict):
-        raise spec.SpecError("dgm has the wrong type; allowed: a table [dgm]")
+        raise spec.SpecError(f"dgm={t['dgm']!r} has the wrong type; allowed: a table [dgm] of DGM keywords "
+                             "(see simstudy list: DGMs)")
     dgm_t = dict(t.get("dgm", {}))
     kind = spec.get_value(dgm_t, "kind", str, "dgm", default=dgms.DEFAULT_KIND)
     if kind not in dgms.DGMS:
@@ -106,21 +133,14 @@ def _build(sf: spec.StudyFile) -> Study:
     if "n" not in factors:
         raise spec.SpecError("design.n is missing; allowed: n = [sample sizes] (integers >= 1)")
     spec.check_keys({k: None for k in factors}, dgm_keys | {"n", "design"}, "design")
-    try:  # validate the DGM now (one line), not inside a replicate
-        probe = dict(dgm_t)
-        first = conditions[0] if conditions else {k: (v[0] if isinstance(v, list) else v) for k, v in sf.design.items()}
-        probe.update({k: v for k, v in first.items() if k != "n"})
-        if int(first["n"]) < 1:
-            raise ValueError(f"n={first['n']} is invalid; allowed: an integer >= 1")
-        dgms.make_dgm(probe)
-    except (TypeError, ValueError) as exc:
-        raise spec.SpecError(f"dgm: {str(exc).splitlines()[0]}") from None
+    _check_conditions(sf.design, dgm_t)
     methods_t = t.get("methods")
     if not isinstance(methods_t, dict) or not methods_t:
         raise spec.SpecError("methods is missing; allowed: one table [methods.NAME] per method "
                              f"(NAME one of {', '.join(PerturbationMethod.known_names())})")
     defaults = t.get("defaults", {})
     spec.check_keys(defaults, METHOD_KEYS, "defaults")
+    _check_sgd(defaults, "defaults")
     evaluation = t.get("evaluation", {})
     spec.check_keys(evaluation, EVALUATION_KEYS, "evaluation")
     bins = spec.get_value(evaluation, "bins", int, "evaluation", default=4, check=lambda v: v >= 1,
@@ -129,6 +149,10 @@ def _build(sf: spec.StudyFile) -> Study:
                               allowed="an integer >= 2")
     headline = spec.get_value(evaluation, "headline", list, "evaluation", default=HEADLINE,
                               check=lambda v: all(isinstance(m, str) for m in v), allowed="a list of metric names")
+    for m in headline:
+        if not is_metric(m) or (m.startswith(("kl_oos_bin", "distance_bin")) and int(m.rsplit("bin", 1)[1]) > bins):
+            raise spec.SpecError(f"evaluation.headline entry {m!r} is not a metric of the study; allowed: "
+                                 f"{', '.join(sorted(METRICS))}, kl_oos_bin1..{bins}, distance_bin1..{bins}")
     analyse = {}
     for name, table in methods_t.items():
         if not isinstance(table, dict):
@@ -141,6 +165,40 @@ def _build(sf: spec.StudyFile) -> Study:
                                                    "evaluation": evaluation}, "methods": methods_t}.items()))
     return Study(design=sf.design, generate=make_generate(dgm_t, fresh_teacher=fresh), analyse=analyse,
                  replicates=sf.replicates, seed=sf.seed, name=sf.name, fingerprint=fingerprint, options=options)
+
+
+def _check_conditions(design, dgm_t: dict) -> None:
+    """Validate every condition before anything runs: each ``n`` an integer >= 1, and each distinct DGM of the
+    design built once (through the per-process cache, so an in-process run reuses it) by its own validators."""
+    if isinstance(design, list):
+        conds = [(f"conditions[{i}]", c) for i, c in enumerate(design)]
+        for where, c in conds:
+            if "n" not in c:
+                raise spec.SpecError(f"{where}.n is missing; allowed: n = a sample size (an integer >= 1)")
+            _check_n(c["n"], f"{where}.n")
+    else:
+        for lv in design["n"] if isinstance(design["n"], list) else [design["n"]]:
+            _check_n(lv, "design.n")
+        others = {k: (v if isinstance(v, list) else [v]) for k, v in design.items() if k != "n"}
+        conds = [("design", dict(zip(others, combo))) for combo in itertools.product(*others.values())]
+    seen = set()
+    for where, c in conds:
+        options = {**dgm_t, **{k: v for k, v in c.items() if k != "n"}}
+        key = repr(sorted(options.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            cached_dgm(options)
+        except (TypeError, ValueError) as exc:
+            levels = ", ".join(f"{k}={v!r}" for k, v in c.items() if k != "n")
+            loc = f"{where} ({levels})" if levels else "dgm"
+            raise spec.SpecError(f"{loc}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_n(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise spec.SpecError(f"{where}={value!r} is invalid; allowed: a sample size, an integer >= 1")
 
 
 def extrapolation_figure(result, outdir) -> list[tuple[str, Path]]:
@@ -189,7 +247,7 @@ def _list_equations() -> dict[str, str]:
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in EQUATIONS.items()}
 
 
-spec.register_kind("perturbation", _build, tables=("dgm", "methods", "defaults", "evaluation"),
+spec.register_kind("perturbation", _build, tables=("dgm", "methods", "defaults", "evaluation"), metrics=is_metric,
                    description="fits of the perturbation domain: DGM, estimating equations, baselines (DESIGN §3-5)")
 spec.register_study("quick", QUICK_STUDY, description="default study: an 11-token perturbed DGM, five methods by sgd, n = 500, 4000",
                     out="results/quick")

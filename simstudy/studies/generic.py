@@ -3,6 +3,7 @@ import path (DESIGN §7), and the built-in generic demo. Registered by :mod:`sim
 from __future__ import annotations
 
 from ..engine import Study
+from ..engine.design import RESERVED_COLUMNS
 from .tables import SpecError, StudyFile, get_callable
 
 __all__ = ["DEMO_TOML", "build_generic"]
@@ -13,8 +14,11 @@ def build_generic(sf: StudyFile) -> Study:
     t = sf.tables
     if sf.design is None:
         raise SpecError("design is missing; allowed: a [design] table or [[conditions]] tables")
-    if "generate" not in t or not isinstance(t["generate"], dict):
+    if "generate" not in t:
         raise SpecError("generate is missing; allowed: a table [generate] with function = 'package.module:function'")
+    if not isinstance(t["generate"], dict):
+        raise SpecError(f"generate={t['generate']!r} has the wrong type; allowed: a table [generate] with "
+                        "function = 'package.module:function'")
     generate = get_callable(t["generate"], "generate")
     truth = None
     if "truth" in t:
@@ -26,6 +30,9 @@ def build_generic(sf: StudyFile) -> Study:
         raise SpecError("methods is missing; allowed: one table [methods.NAME] per method with function = '...'")
     methods = {}
     for name, mt in methods_t.items():
+        if name in RESERVED_COLUMNS:
+            raise SpecError(f"methods.{name} is a reserved name; allowed: a method name other than "
+                            f"{', '.join(RESERVED_COLUMNS)}")
         if not isinstance(mt, dict):
             raise SpecError(f"methods.{name} has the wrong type; allowed: a table with function = '...'")
         methods[name] = get_callable(mt, f"methods.{name}")

@@ -80,7 +80,8 @@ except ImportError:  # Python 3.10
 
 from ..engine import Study
 from ..engine.callables import resolve_callable
-from .tables import SpecError, StudyFile, check_design, check_keys, get_callable, get_value, parse_rates
+from .tables import (MAX_REPLICATES, SpecError, StudyFile, check_design, check_keys, check_name, check_rates, evaluate_truths,
+                     get_callable, get_value, parse_rates)
 
 __all__ = ["SpecError", "StudyFile", "KINDS", "STUDIES", "DEFAULT_STUDY", "PLUGIN_MODULES", "register_kind",
            "register_study", "register_listing", "load_plugins", "listings", "parse_study_text", "load_study_file", "build_study", "check_keys",
@@ -92,6 +93,7 @@ class _Kind:
     builder: Callable[[StudyFile], Study]
     tables: frozenset
     description: str
+    metrics: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -135,7 +137,8 @@ def load_plugins() -> None:
 _COMMON = {"study", "design", "conditions", "run", "summary", "report", "rates"}
 
 
-def register_kind(name: str, builder: Callable[[StudyFile], Study], *, tables=(), description: str = "") -> None:
+def register_kind(name: str, builder: Callable[[StudyFile], Study], *, tables=(), description: str = "",
+                  metrics: Callable[[str], bool] | None = None) -> None:
     """Register a study kind.
 
     Parameters
@@ -150,12 +153,15 @@ def register_kind(name: str, builder: Callable[[StudyFile], Study], *, tables=()
         Top-level tables the kind accepts besides the common ones.
     description : str
         One line for ``simstudy list``.
+    metrics : callable, optional
+        ``metrics(name) -> bool``: whether the kind's methods return the metric ``name``, so that a
+        ``[[rates]] metric`` is checked before the run (otherwise only ``"mse:EST"`` is).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is invalid; allowed: a non-empty string")
     if not callable(builder):
         raise ValueError(f"builder={builder!r} is invalid; allowed: a callable StudyFile -> Study")
-    KINDS[name] = _Kind(builder, frozenset(tables), description)
+    KINDS[name] = _Kind(builder, frozenset(tables), description, metrics)
 
 
 def register_study(name: str, source: str | Path, *, description: str = "", out: str | None = None) -> None:
@@ -221,9 +227,10 @@ def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
     stem = Path(path).stem if path is not None else "study"
     sf = StudyFile(
         kind=kind,
-        name=get_value(st, "name", str, "study", default=stem, check=bool, allowed="a non-empty string"),
+        name=check_name(get_value(st, "name", str, "study", default=stem, check=bool, allowed="a plain file name")),
         description=get_value(st, "description", str, "study", default=""),
-        replicates=get_value(st, "replicates", int, "study", check=lambda v: v >= 1, allowed="an integer >= 1"),
+        replicates=get_value(st, "replicates", int, "study", check=lambda v: 1 <= v <= MAX_REPLICATES,
+                             allowed=f"an integer >= 1 and <= {MAX_REPLICATES}"),
         seed=get_value(st, "seed", int, "study", check=lambda v: v >= 0, allowed="an integer >= 0"),
         fingerprint=get_value(st, "fingerprint", str, "study", default=None),
         path=Path(path) if path is not None else None,
@@ -285,8 +292,8 @@ def build_study(sf: StudyFile, *, replicates: int | None = None) -> Study:
         Override ``[study] replicates``.
     """
     if replicates is not None:
-        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
-            raise SpecError(f"replicates={replicates!r} is invalid; allowed: an integer >= 1")
+        if isinstance(replicates, bool) or not isinstance(replicates, int) or not 1 <= replicates <= MAX_REPLICATES:
+            raise SpecError(f"replicates={replicates!r} is invalid; allowed: an integer >= 1 and <= {MAX_REPLICATES}")
         sf.replicates = replicates
     try:
         study = KINDS[sf.kind].builder(sf)
@@ -298,13 +305,10 @@ def build_study(sf: StudyFile, *, replicates: int | None = None) -> Study:
     if ref is not None and ref not in study.methods:
         raise SpecError(f"summary.reference={ref!r} is not a method of the study; allowed: "
                         f"{', '.join(study.methods)}")
-    for i, r in enumerate(sf.rates):
-        if r["x"] not in study.factors:
-            raise SpecError(f"rates[{i}].x={r['x']!r} is not a design factor; allowed: {', '.join(study.factors)}")
-        for b in r.get("by", []):
-            if b not in study.factors and b != "method":
-                raise SpecError(f"rates[{i}].by entry {b!r} is invalid; allowed: method, "
-                                f"{', '.join(study.factors)}")
+    truths = evaluate_truths(study)  # a truth that raises is a bad file, found now rather than mid-run
+    estimands = list(dict.fromkeys(k for t in truths for k in t))
+    levels = {f: len({repr(c.get(f)) for c in study.conditions}) for f in study.factors}
+    check_rates(sf.rates, study.factors, levels, estimands, KINDS[sf.kind].metrics)
     return study
 
 
@@ -339,6 +343,9 @@ def load_study_file(source: str | Path | None = None, *, replicates: int | None 
             text = path.read_text(encoding="utf-8")
     else:
         path = Path(source)
+        if path.is_dir():
+            raise SpecError(f"study file {str(source)!r} is a directory; allowed: a path to a TOML file or a "
+                            f"built-in study ({', '.join(sorted(STUDIES))})")
         if not path.is_file():
             raise SpecError(f"study file {str(source)!r} does not exist; allowed: a path to a TOML file or a "
                             f"built-in study ({', '.join(sorted(STUDIES))})")
@@ -355,4 +362,4 @@ from .generic import DEMO_TOML, build_generic  # noqa: E402  (the generic kind r
 register_kind("generic", build_generic, tables=("generate", "truth", "methods"),
               description="any study: generate, methods and truth named by import path")
 register_study("demo", DEMO_TOML, description="generic demo: mean vs median vs trimmed mean of a location",
-               out="results/quick")
+               out="results/demo")

@@ -16,7 +16,12 @@ from typing import Any
 
 from ..engine.callables import resolve_callable
 
-__all__ = ["SpecError", "StudyFile", "check_design", "check_keys", "get_callable", "get_value", "parse_rates"]
+__all__ = ["MAX_CONDITIONS", "MAX_REPLICATES", "SpecError", "StudyFile", "check_design", "check_keys", "check_name",
+           "check_rates", "check_table", "evaluate_truths", "get_callable", "get_value", "parse_rates"]
+
+#: Bounds that keep a typo from allocating until memory runs out or hanging silently.
+MAX_REPLICATES = 10**7
+MAX_CONDITIONS = 10**6
 
 
 class SpecError(ValueError):
@@ -33,8 +38,28 @@ def _type_name(types) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
+def check_table(value: Any, where: str) -> dict:
+    """``value`` if it is a table, else SpecError naming ``where``."""
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}={value!r} has the wrong type; allowed: a table [{where}]")
+    return value
+
+
+def check_name(name: str) -> str:
+    """A study name must be a plain file name (it names the default folder results/NAME)."""
+    bad = (not name or name in (".", "..") or any(c in name for c in "/\\:\0") or name != name.strip()
+           or name.startswith("."))
+    if bad:
+        raise SpecError(f"study.name={name!r} is invalid; allowed: a plain file name (letters, digits, '-', '_', "
+                        "'.'; no '/', '\\', ':' and not starting with '.')")
+    return name
+
+
 def check_keys(table: Mapping, allowed, where: str) -> None:
     """Raise SpecError for a key of ``table`` not in ``allowed``."""
+    if not isinstance(table, Mapping):
+        raise SpecError(f"{where}={table!r} has the wrong type; allowed: a table [{where}] with keys "
+                        f"{', '.join(sorted(allowed)) or 'none'}")
     for key in table:
         if key not in allowed:
             loc = f"{where}.{key}" if where else key
@@ -176,11 +201,17 @@ def check_design(sf_tables: dict) -> Any:
                 if not isinstance(lv, (bool, int, float, str)):
                     raise SpecError(f"design.{k} level {lv!r} has the wrong type; allowed: numbers, strings or "
                                     "booleans")
+        count = math.prod(len(v) if isinstance(v, list) else 1 for v in design.values())
+        if count > MAX_CONDITIONS:
+            raise SpecError(f"design has {count} conditions ({' x '.join(str(len(v) if isinstance(v, list) else 1) for v in design.values())}); "
+                            f"allowed: at most {MAX_CONDITIONS}")
         return design
     if "conditions" in sf_tables:
         conds = sf_tables["conditions"]
         if not isinstance(conds, list) or not conds or not all(isinstance(c, dict) for c in conds):
             raise SpecError("conditions has the wrong type; allowed: a non-empty array of tables [[conditions]]")
+        if len(conds) > MAX_CONDITIONS:
+            raise SpecError(f"conditions has {len(conds)} entries; allowed: at most {MAX_CONDITIONS}")
         for i, c in enumerate(conds):
             for k, v in c.items():
                 if not isinstance(v, (bool, int, float, str)):
@@ -217,3 +248,58 @@ def parse_rates(value: Any) -> list[dict]:
                                       allowed="'fixed' or 'estimated'")
         out.append(spec)
     return out
+
+
+def evaluate_truths(study) -> list[dict]:
+    """``study.truths()`` now, before anything runs: a truth function that raises is a one-line SpecError."""
+    try:
+        return study.truths()
+    except Exception as exc:  # noqa: BLE001 - the user's code: any error is a bad study file
+        conds = study.conditions
+        bad = next((i for i, c in enumerate(conds) if _raises(study.truth, c)), None)
+        where = f" for condition {bad} {conds[bad]!r}" if bad is not None else ""
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise SpecError(f"truth raised {type(exc).__name__}{(': ' + msg) if msg else ''}{where}; allowed: a "
+                        "truth function cond -> {estimand: number} defined for every condition") from None
+
+
+def _raises(fn, cond) -> bool:
+    try:
+        fn(dict(cond))
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def check_rates(rates: list[dict], factors: list, levels: Mapping, estimands: list, metrics=None) -> None:
+    """Check the ``[[rates]]`` against the built study before it runs.
+
+    ``levels`` maps each factor to its number of distinct levels; ``estimands`` are the truth keys
+    (``"mse:EST"`` needs EST among them); ``metrics``, when the kind knows them, is a predicate on a
+    bare metric name (otherwise a bare name is a column the methods return, known only after the run).
+    """
+    for i, r in enumerate(rates):
+        where = f"rates[{i}]"
+        if r["x"] not in factors:
+            raise SpecError(f"{where}.x={r['x']!r} is not a design factor; allowed: {', '.join(factors)}")
+        by = r.get("by", [])
+        for b in by:
+            if (b not in factors and b != "method") or b == r["x"]:
+                raise SpecError(f"{where}.by entry {b!r} is invalid; allowed: method, "
+                                f"{', '.join(f for f in factors if f != r['x'])}")
+        pooled = [f for f in factors if f != r["x"] and f not in by and levels.get(f, 1) > 1]
+        if "by" in r and pooled:  # without by, every varying factor is a group
+            raise SpecError(f"{where}.by={by!r} is invalid: design factors {pooled} vary and would be pooled; "
+                            f"allowed: include them in by")
+        metric = r["metric"]
+        if ":" in metric:
+            measure, est = metric.split(":", 1)
+            if measure != "mse":
+                raise SpecError(f"{where}.metric={metric!r} is invalid; allowed: a returned metric column or "
+                                "'mse:ESTIMAND'")
+            if est not in estimands:
+                raise SpecError(f"{where}.metric={metric!r} is invalid; allowed: 'mse:ESTIMAND' with ESTIMAND an "
+                                f"estimand that has a truth ({', '.join(estimands) or 'none: the study has no truth'})")
+        elif metrics is not None and not metrics(metric):
+            raise SpecError(f"{where}.metric={metric!r} is not a metric of the study; allowed: a returned metric "
+                            "column (see the headline metrics) or 'mse:ESTIMAND'")
