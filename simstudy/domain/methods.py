@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from ..equations import EQUATIONS, Equation, make_equation, parse_label
+from ..equations import EQUATIONS, Equation, is_label, label_forms, make_equation, parse_label
 from ..fit import SGDConfig
 
 __all__ = ["MethodSpec", "PerturbationMethod", "SOLVERS", "describe_method"]
@@ -42,13 +42,13 @@ class MethodSpec:
         for key in MERGED_KEYS:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; allowed: a table")
-        if isinstance(self.equation, str) and self.equation not in EQUATIONS and _label(self.equation):
+        if isinstance(self.equation, str) and self.equation not in EQUATIONS and is_label(self.equation):
             # a short label (is-8, q2-K8, ps-mh-B20): its registry name, and the option it fixes wins
             self.equation, fixed = parse_label(self.equation)
             self.equation_options = {**self.equation_options, **fixed}
         if self.equation not in EQUATIONS:
             raise ValueError(f"equation={self.equation!r} is unknown; allowed: {', '.join(sorted(EQUATIONS))} "
-                             f"(or a short label: {_label_forms()})")
+                             f"(or a short label: {label_forms()})")
         SGDConfig(**self.sgd)  # validates the keys and values now, not inside a replicate
 
     @property
@@ -71,7 +71,7 @@ class MethodSpec:
     @classmethod
     def is_known(cls, name: str) -> bool:
         """A baseline, an equation name or an equation's short label (``is-8``)."""
-        return name in cls.baselines or name in EQUATIONS or _label(name)
+        return name in cls.baselines or name in EQUATIONS or is_label(name)
 
     @classmethod
     def from_name(cls, name: str, **options) -> "MethodSpec":
@@ -80,7 +80,7 @@ class MethodSpec:
         base = dict(cls.baselines.get(name, {}))
         if not cls.is_known(name):
             raise ValueError(f"method={name!r} is unknown; allowed: {', '.join(cls.known_names())}, "
-                             f"{_label_forms()} (or set equation=)")
+                             f"{label_forms()} (or set equation=)")
         if not base:
             base = {"equation": name}
         for key in MERGED_KEYS:
@@ -130,19 +130,6 @@ class PerturbationMethod(MethodSpec):
         """Keyword arguments of ``dgm.make_student`` (without the seed)."""
         return dict(network=self.network, hidden=self.hidden, perturbation=self.perturbation,
                     transformer=self.transformer, init_scale=self.init_scale, **self.perturbation_options)
-
-
-def _label(name) -> bool:
-    """Whether ``name`` is an equation's short label (``is-8``, ``q2-K8``, ``ps-mh-B20``)."""
-    try:
-        parse_label(name)
-    except ValueError:
-        return False
-    return True
-
-
-def _label_forms() -> str:
-    return ", ".join(cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern)
 
 
 def describe_method(spec: MethodSpec) -> dict:

@@ -54,9 +54,24 @@ def parse_label(label: str) -> tuple[str, dict]:
             options = cls.parse_label(label)
             if options is not None:
                 return name, options
-    forms = [cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern]
-    raise ValueError(f"equation={label!r} is unknown; allowed: {', '.join(EQUATIONS)} (or {', '.join(forms)}, "
+    raise ValueError(f"equation={label!r} is unknown; allowed: {', '.join(EQUATIONS)} (or {label_forms()}, "
                      "e.g. is-8)")
+
+
+def label_forms() -> str:
+    """The short-label forms of the registered equations, for messages: ``"ps-mh-B<n>, q2-K<n>, is-<n>"``."""
+    return ", ".join(cls.label_pattern.replace("(\\d+)", "<n>") for cls in EQUATIONS.values() if cls.label_pattern)
+
+
+def is_label(name) -> bool:
+    """Whether ``name`` is an equation's short label (``is-8``, ``q2-K8``, ``ps-mh-B20``), not a registry name."""
+    if not isinstance(name, str) or name in EQUATIONS:
+        return False
+    try:
+        parse_label(name)
+    except ValueError:
+        return False
+    return True
 
 
 def make_equation(name: str, **options) -> Equation:
@@ -84,7 +99,7 @@ def equations_with(**facts) -> list[str]:
 
 
 __all__ = [
-    "EQUATIONS", "SCOPES", "equations_with", "parse_label", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
+    "EQUATIONS", "SCOPES", "equations_with", "is_label", "label_forms", "parse_label", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
     "MLE", "PosteriorDraws", "PosteriorExact", "PosteriorMH", "Q2", "RejectionBudgetExceeded", "SUMO",
     "gradient_audit", "make_equation", "quadrature_divergences", "quadrature_log_marginal", "quadrature_log_probs",
     "quadrature_posterior_mean", "quadrature_token_log_lik",

@@ -52,7 +52,7 @@ from .. import dgm as dgms
 from ..domain import PerturbationMethod, cached_dgm, make_analyse, make_generate
 from ..fit import SGDConfig
 from ..engine import Study
-from ..equations import EQUATIONS
+from ..equations import EQUATIONS, label_forms
 from . import spec
 
 METHOD_KEYS = {f.name for f in fields(PerturbationMethod)} - {"name"}
@@ -90,13 +90,12 @@ def _method(name: str, table: dict, defaults: dict) -> PerturbationMethod:
     for key in ("sgd", "equation_options", "perturbation_options"):
         if key in defaults and key in table:
             options[key] = {**defaults[key], **table[key]}
-    baselines = PerturbationMethod.baselines
     try:
-        if "equation" in table and name not in baselines:
+        if "equation" in table and name not in PerturbationMethod.baselines:
             return PerturbationMethod(name=name, **options)
         if not PerturbationMethod.is_known(name):
             raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(PerturbationMethod.known_names())}, "
-                                 "an equation's short label (is-8, q2-K8, ps-mh-B20), or any label with "
+                                 f"a short label ({label_forms()}), or any label with "
                                  "equation = '...'")
         return PerturbationMethod.from_name(name, **options)
     except spec.SpecError:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from ...domain import MethodSpec
 from ...domain.methods import MERGED_KEYS
-from ...equations import EQUATIONS, Q2, PosteriorExact
+from ...equations import EQUATIONS, Q2, PosteriorExact, label_forms
 from ...validation import check_choice, check_int
 from .. import spec
 from .config import EVAL_SCOPES
@@ -101,7 +101,7 @@ def method_from_table(name: str, table: dict, defaults: dict) -> LLMMethod:
         if "equation" not in table:
             if not LLMMethod.is_known(name):
                 raise spec.SpecError(f"methods.{name} is unknown; allowed: {', '.join(LLMMethod.known_names())}, "
-                                     "an equation's short label (is-8, q2-K8, ps-mh-B20), or any label with "
+                                     f"a short label ({label_forms()}), or any label with "
                                      "equation = '...'")
             options.pop("equation", None)
             return LLMMethod.from_name(name, **options)
