@@ -135,17 +135,26 @@ def test_smoke_result_is_complete_and_consistent(smoke):
     paired = res.tables["paired"]
     have = set(zip(paired["design"], paired["method"], paired["reference"]))
     for design in ("identified", "weakly-identified"):
-        assert (design, "ps-exact (exact solver)", "mle (exact solver)") in have
+        assert (design, "likelihood (empirical root)", "mle (empirical root)") in have  # the roots, reported
         assert (design, "ps-mh (sgd)", "mle (sgd)") in have
         assert (design, "ps-exact (sgd)", "mle (sgd)") in have  # the small second study, paired on the same data
-        assert (design, "ps-exact (exact solver)", "gaussian (sgd)") in have
-    # the decision is the stated rule applied to the primary row
-    row = paired[(paired["design"] == "identified") & (paired["method"] == "ps-exact (exact solver)")
-                 & (paired["reference"] == "mle (exact solver)")].iloc[0]
+        assert (design, "ps-mh (sgd)", "gaussian (sgd)") in have
+    # the decision is the stated rule applied to the primary row: both fits under the one protocol
+    row = paired[(paired["design"] == "identified") & (paired["method"] == "ps-mh (sgd)")
+                 & (paired["reference"] == "mle (sgd)")].iloc[0]
     expected = "pass" if (row["oos_ci_high"] < 0 and row["id_ci_high"] < 0.1 * row["id_reference"]) else "fail"
     assert res.decision == expected
-    key = "identified | ps-exact (exact solver) - mle (exact solver)"
+    key = "identified | ps-mh (sgd) - mle (sgd)"
     assert res.statistics[key]["oos_mcse"] > 0 and len(res.statistics[key]["oos_ci"]) == 2
+    assert "Pre-registered form" in res.decision_rule and "likelihood (empirical root)" in res.decision_rule
+    # every sgd fit records where it stopped and whether it hit the cap; ps-exact (sgd) its fallback fraction
+    sgd = table[table["method"].str.endswith("(sgd)")]
+    assert sgd["fit_best_pass"].notna().all() and sgd["fit_hit_cap"].isin([0.0, 1.0]).all()
+    assert (sgd["fit_stopped_early"] + sgd["fit_hit_cap"] == 1).all()
+    assert sgd["fit_validation_curve"].str.contains(":").all()
+    assert table.loc[table["method"] == "ps-exact (sgd)", "fit_eq_fallback_fraction"].between(0, 1).all()
+    per = res.tables["per_method"]
+    assert {"fit_best_pass", "fit_hit_cap", "fit_hit_cap_mcse"} <= set(per.columns)
     # extrapolation curves with MCSE per design, method and distance bin
     curves = res.tables["curves"]
     assert curves["mcse"].notna().any() and curves["bin"].max() >= 2
@@ -170,7 +179,7 @@ def test_report_from_stores_matches_the_run_and_refuses_duplicates(smoke, tmp_pa
     out, res = smoke
     stores = sorted((out / "extrapolation").glob("store-*"))
     assert len(stores) == 2  # the main and the small (ps-exact sgd) study
-    combined = report_from_stores(stores, out=tmp_path)
+    combined = report_from_stores(stores, out=tmp_path, min_pairs=2)  # the smoke scale's rule
     assert combined.decision == res.decision
     cols = ["design", "method", "reference", "pairs", "oos_difference", "oos_mcse", "id_difference"]
     def tidy(frame):

@@ -7,7 +7,7 @@ import importlib
 from .base import CHECKS, Check, CheckContext, CheckResult, register, run_check
 
 _MODULES = ("unbiasedness", "calibration", "consistency", "rates", "inference", "efficiency", "overparameterised",
-            "extrapolation")
+            "extrapolation", "extrapolation_map")
 for _name in _MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 

@@ -20,7 +20,7 @@ from .base import CheckResult
 from .common import fmt
 from .extrapolation_claim import CLAIM, NAME, REFERENCE_DESIGNS, decide, decision_rule
 from .extrapolation_figures import figures
-from .extrapolation_methods import DEFAULT_PRIMARY, METHODS
+from .extrapolation_methods import DEFAULT_PRIMARY, METHODS, PREREGISTERED_PRIMARY
 from .extrapolation_statistics import bin_gains, curves, findings, paired_differences, per_method
 
 __all__ = ["FIXED_BASELINES", "REFERENCES", "report", "report_from_stores", "stored_rows"]
@@ -28,13 +28,14 @@ __all__ = ["FIXED_BASELINES", "REFERENCES", "report", "report_from_stores", "sto
 #: The fixed perturbations every ps method is also paired against (labels of METHODS).
 FIXED_BASELINES = ("gaussian (sgd)", "neftune (sgd)", "discrete (sgd)")
 #: The reference fits every method is paired against, when present.
-REFERENCES = ("mle (exact solver)", "mle (sgd)")
+REFERENCES = ("mle (sgd)", "mle (empirical root)")
 
 
 def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: float, folder: Path,
-           designs: list[str], settings: dict, notes: list[str]) -> CheckResult:
+           designs: list[str], settings: dict, notes: list[str], min_pairs: int = 20) -> CheckResult:
     """Statistics, decision, tables and figures of the check from its tidy table (``design``,
-    ``replicate``, ``method``, ``status``, ``message`` and the metric columns)."""
+    ``replicate``, ``method``, ``status``, ``message`` and the metric columns); the rule decides only with
+    at least ``min_pairs`` pairs."""
     table = table.copy()
     labels = list(dict.fromkeys(table["method"]))
     references = [r for r in REFERENCES if r in labels]
@@ -61,7 +62,13 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
     statistics["per_method"] = summary_table.to_dict(orient="records")
     statistics["failures"] = {str(k): int(v) for k, v in failures.groupby("method").size().items()}
     statistics["notes"] = notes
-    decision, head = decide(found, primary)
+    decision, head = decide(found, primary, min_pairs=min_pairs)
+    capped = {m: int(v) for m, v in table.loc[table.get("fit_hit_cap", pd.Series(0.0, index=table.index)) == 1]
+              .groupby("method").size().items()}
+    statistics["fits_at_budget_cap"] = capped
+    if capped:  # a fit that ran out of budget before early stopping fired has not reached its own stopping point
+        head += "; fits that hit the pass budget before early stopping: " + ", ".join(
+            f"{m} {k}" for m, k in capped.items())
     # the primary method against the other reference too: a pass against one mle fit says little
     # if the other mle fit is as good out of support
     for r in found[(found["design"] == "identified") & (found["method"] == primary[0])
@@ -69,7 +76,9 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
         head += (f"; against {r.reference}: {_f(r.oos_difference)} [{_f(r.oos_ci_low)}, {_f(r.oos_ci_high)}] "
                  f"(R={int(r.pairs)}, {r.oos_verdict})")
     statistics["findings"] = _finding_lines(found, primary, references)
-    return CheckResult(name=NAME, claim=CLAIM, decision_rule=decision_rule(primary, margin_fraction),
+    rule = decision_rule(primary, margin_fraction, min_pairs=min_pairs,
+                         preregistered=tuple(METHODS[k].label for k in PREREGISTERED_PRIMARY))
+    return CheckResult(name=NAME, claim=CLAIM, decision_rule=rule,
                        decision=decision, statistics=statistics,
                        summary=head + ("; " + "; ".join(notes) if notes else ""),
                        tables={"replicates": table, "paired": found, "curves": curve, "gain_by_distance": gains,
@@ -103,14 +112,14 @@ def stored_rows(store: Path) -> tuple[pd.DataFrame, StudyResult]:
 
 def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str] | None = None,
                        margin_fraction: float = 0.10, notes: list[str] | None = None,
-                       command: str | None = None) -> CheckResult:
+                       command: str | None = None, min_pairs: int = 20) -> CheckResult:
     """The check's result from the rows of one or more stores of this check (runs still going,
     stopped, or run with different ``--set`` choices), saved as ``OUT/extrapolation.json``.
 
     ``stores``: paths, or ``(path, [method labels])`` to take only those methods from a store
     (a peer run that also fitted ``mle (sgd)`` on the same data, say). A (design, replicate,
     method) row found in two stores is an error. The primary pair is the check's default
-    (``ps-exact (exact solver)`` against ``mle (exact solver)``) unless given. ``settings``
+    (``ps-mh (sgd)`` against ``mle (sgd)``) unless given. ``settings``
     records each store, its manifest and the settings of the run that wrote it
     (``OUT_OF_RUN/extrapolation.json``, when it finished), and ``command`` when given.
     """
@@ -151,8 +160,9 @@ def report_from_stores(stores: list, *, out: str | Path, primary: tuple[str, str
     (out / NAME).mkdir(parents=True, exist_ok=True)
     result = report(table, primary=primary, margin_fraction=margin_fraction, folder=out / NAME, designs=designs,
                     settings={**({"command": command} if command else {}), "stores": recorded,
-                              "margin_fraction": margin_fraction, "primary": list(primary)},
-                    notes=list(notes or []))
+                              "margin_fraction": margin_fraction, "primary": list(primary),
+                              "min_pairs": min_pairs},
+                    notes=list(notes or []), min_pairs=min_pairs)
     result.scale = "full (combined stores)"
     result.replicate_seconds = float(np.nansum(np.concatenate(seconds)))
     result.save(out)

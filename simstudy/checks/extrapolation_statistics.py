@@ -22,7 +22,8 @@ from scipy import stats
 __all__ = ["bin_gains", "curves", "findings", "paired_differences", "per_method", "verdict"]
 
 #: Columns summarised per method (those present).
-SUMMARY_COLUMNS = ("kl_id", "kl_oos", "scale_ratio", "truth_shift_oos")
+SUMMARY_COLUMNS = ("kl_id", "kl_oos", "scale_ratio", "truth_shift_oos", "fit_best_pass", "fit_passes_run",
+                   "fit_stopped_early", "fit_hit_cap", "fit_eq_fallback_fraction")
 
 
 def paired_differences(table: pd.DataFrame, *, metric: str, pairs: list[tuple[str, str]], by: str = "design",
@@ -129,7 +130,11 @@ def bin_gains(table: pd.DataFrame, pair: tuple[str, str], by: str = "design") ->
 
 def per_method(table: pd.DataFrame) -> pd.DataFrame:
     """Per design and method: replicates, failures, and the mean of each :data:`SUMMARY_COLUMNS`
-    metric present with its MCSE (sd / sqrt(replicates)), over the ok rows."""
+    metric present with its MCSE (sd / sqrt(replicates)), over the ok rows. For the sgd fits the
+    early-stopping statistics: the mean pass of the best validation score and of the stop, and the
+    fractions of fits whose early stopping fired (``fit_stopped_early``) or that ran to the budget's end
+    (``fit_hit_cap``); for ps-exact (sgd) the mean fraction of datum-visits that fell back to importance
+    resampling (``fit_eq_fallback_fraction``)."""
     columns = [c for c in SUMMARY_COLUMNS if c in table]
     grouped = (table[table["status"] == "ok"].groupby(["design", "method"], sort=False)[columns]
                .agg(["mean", "std", "count"]))

@@ -11,9 +11,11 @@
 """
 from .base import DGM, DGM_METHODS, Dataset
 from .designs import DESIGNS
-from .perturbed_next_token import DIRECTIONS, MARGINAL_RULES, TEACHERS, PerturbedNextToken, smooth_features
+from .features import feature_names
+from .perturbed_next_token import (DIRECTIONS, MARGINAL_RULES, TEACHER_LAWS, TEACHERS, PerturbedNextToken,
+                                   smooth_features)
 from .registry import DEFAULT_KIND, DGM_KEYS, DGMS, dgm_defaults, dgm_keywords, make_dgm, register_dgm
 
 __all__ = ["DEFAULT_KIND", "DESIGNS", "DGM", "DGMS", "DGM_KEYS", "DGM_METHODS", "DIRECTIONS", "MARGINAL_RULES",
-           "TEACHERS", "Dataset", "PerturbedNextToken", "dgm_defaults", "dgm_keywords", "make_dgm", "register_dgm",
-           "smooth_features"]
+           "TEACHERS", "TEACHER_LAWS", "Dataset", "PerturbedNextToken", "dgm_defaults", "dgm_keywords", "feature_names",
+           "make_dgm", "register_dgm", "smooth_features"]

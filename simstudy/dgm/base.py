@@ -136,12 +136,13 @@ class DGM(Protocol):
         ...
 
     def make_student(self, *, network: str | None = None, hidden: int | None = None, perturbation: str = "linear",
-                     latent_dim: int | None = None, transformer: Any = None, init_scale: float = 0.05,
+                     latent_dim: int | None = None, transformer: Any = None, init_scale: float | None = None,
                      seed: int = 0, dtype: torch.dtype = torch.float64, **perturbation_options) -> Any:
         """The student the DGM implies: a fresh PerturbedLM sharing ``embedding``, initialised from ``seed``.
 
         The defaults (None) give a well-specified student: the teacher's network family and
-        size and the truth's q; ``perturbation`` names a map of
+        size (or the DGM's own default student width) and the truth's q, and the DGM's default
+        initial scale of a learned perturbation (``init_scale``); ``perturbation`` names a map of
         :data:`simstudy.models.PERTURBATIONS`. Its marginal is ``(N, V)`` for prefixes ``(N, L)``.
         """
         ...

@@ -3,8 +3,9 @@
 Tokens 0..V-1 carry a semantic coordinate s_v evenly spaced on [-1, 1]. Their
 embeddings are smooth functions of it plus a small fixed random part,
 
-    E[v] = phi_d(s_v) + embed_noise * N(0, I_d)      (phi: :func:`~simstudy.dgm.features.smooth_features`),
+    E[v] = phi(s_v) + embed_noise * N(0, I_d)      (phi: :func:`~simstudy.dgm.features.smooth_features`),
 
+phi the d named ``features`` (default: the first d of s, s^2, sin(pi*s), cos(pi*s), ...),
 so neighbouring tokens have neighbouring embeddings. The training support holds
 the prefixes whose tokens all have s_v <= s_max; an out-of-support (OOS) prefix
 has at least one token beyond it, at distance max_l (s_{x_l} - s_max)^+
@@ -35,23 +36,25 @@ so the same generator state gives identical data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..models import CONTINUATIONS, NETWORKS, TransformerConfig
-from ..validation import check_choice, check_float, check_int, check_rng
+from ..validation import check_choice, check_float, check_int, check_rng, is_integer
 from .base import Dataset, inverse_cdf
 from .designs import DESIGNS
-from .features import smooth_features
+from .features import resolve_features, smooth_features
 from .marginal import ELEMENT_BUDGET, MARGINAL_RULES, ExactMarginal
 from .students import StudentFactory
 from .support import S_TOL, SemanticSupport
-from .teacher import (calibrate_entropy, make_direction, make_teacher, make_teacher_network, tangent,
+from .teacher import (TEACHER_LAWS, calibrate_entropy, make_direction, make_teacher, make_teacher_network, tangent,
                       transformer_config)
 
-__all__ = ["DIRECTIONS", "MARGINAL_RULES", "TEACHERS", "Dataset", "PerturbedNextToken", "smooth_features"]
+__all__ = ["DIRECTIONS", "MARGINAL_RULES", "TEACHERS", "TEACHER_LAWS", "Dataset", "PerturbedNextToken",
+           "smooth_features"]
 
 TEACHERS = NETWORKS
 DIRECTIONS = ("random", "tangent")
@@ -67,12 +70,19 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
         V, tokens 0..V-1 with coordinates s_v evenly spaced on [-1, 1].
     prefix_len : int >= 1
         L, tokens per prefix.
-    embed_dim : int >= 1
-        d; the embedding is the first d smooth features of s plus noise (module docstring).
+    embed_dim : int >= 1 or None
+        d; None: the number of ``features``, or 3 when ``features`` is None. With ``features``
+        given it must equal their number.
+    features : list of str, comma-separated str, or None
+        Names of the embedding's smooth features (:mod:`simstudy.dgm.features`: ``s``, ``s^K``,
+        ``sin(pi*s)``, ``cos(pi*s)``, ``sin(K*pi*s)``, ``cos(K*pi*s)``), in order; the tangent
+        direction uses their derivatives. None: the first d default features (s, s^2,
+        sin(pi*s), cos(pi*s), s^3, sin(2*pi*s), ...), bitwise as before. In :meth:`reference`,
+        ``features`` without ``embed_dim`` replaces the design's d.
     latent_dim : int >= 1
         q, the dimension of z.
     teacher : {"linear", "mlp", "transformer"}
-        Family of f*. Weights are drawn from ``seed``:
+        Family of f*. Weights are drawn from ``seed`` by ``teacher_law``; "scaled" (default):
 
         * ``mlp``: f(u) = W2 tanh(W1 u + b1) + b2 on the flattened window u. Each row of
           W1 is a Gaussian direction rescaled so that its pre-activation has standard
@@ -85,10 +95,16 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
         * ``transformer``: the small decoder of :mod:`simstudy.models.networks` with
           PyTorch's default initialisation under a seeded generator.
 
+        "gaussian" (DESIGN §4, the independent implementation's teacher): mlp: W1 entries
+        N(0, w^2), b1 ~ N(0, b^2), W2 ~ N(0, 1), b2 = 0; linear: W entries N(0, w^2),
+        b ~ N(0, b^2) (the calibrated logit scale absorbs w, so only b / w matters there);
+        w = ``teacher_weight_sd``, b = ``teacher_bias_sd``; the transformer refuses it.
+
         Then the logit scale is set by a bracketing (bisection/Brent) search so the
         deterministic teacher's mean entropy hits ``entropy`` (module docstring).
     hidden : int >= 1
-        Hidden units of the mlp teacher (ignored by the others).
+        Hidden units of the mlp teacher (ignored by the others); the students' default width
+        unless ``student_hidden`` is set.
     transformer : TransformerConfig | dict | None
         Size of the transformer teacher (default: TransformerConfig() with max_len
         large enough for L + c - 1 inputs).
@@ -111,7 +127,21 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
     embed_noise : float >= 0
         Scale of the fixed random part of the embedding.
     steepness : float > 0
-        Pre-activation standard deviation of the mlp teacher's hidden units (above).
+        Pre-activation standard deviation of the mlp teacher's hidden units under the
+        "scaled" law (above; ignored by the "gaussian" law).
+    teacher_law : {"scaled", "gaussian"}
+        Law of the teacher's weights (``teacher`` above). Default "scaled": bitwise the
+        teachers of earlier versions for every seed.
+    teacher_weight_sd : float > 0
+        w of the "gaussian" law (default 1.0; ignored by "scaled").
+    teacher_bias_sd : float >= 0
+        b of the "gaussian" law (default 0.5; ignored by "scaled").
+    student_hidden : int >= 1 or None
+        Width of the MLP student :meth:`make_student` builds when the method gives no
+        ``hidden``; None: the teacher's ``hidden``.
+    student_init_scale : float > 0
+        Initial scale of a learned perturbation (linear and mlp maps) in :meth:`make_student`
+        when the method gives no ``init_scale`` (default 0.05).
     max_enumerate : int >= 1
         Enumerate all V^L prefixes when V^L <= this; otherwise ``prefixes()`` returns
         a fixed seeded sample (``num_prefix_samples`` draws per set, duplicates removed).
@@ -130,15 +160,19 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
     tiny_options: ClassVar[dict] = dict(vocab_size=5, prefix_len=2, embed_dim=3, latent_dim=1, hidden=4,
                                         entropy=1.0, observations=2, seed=1)
 
-    def __init__(self, *, vocab_size: int = 41, prefix_len: int = 2, embed_dim: int = 3, latent_dim: int = 1,
+    def __init__(self, *, vocab_size: int = 41, prefix_len: int = 2, embed_dim: int | None = None, latent_dim: int = 1,
                  teacher: str = "mlp", hidden: int = 16, transformer: TransformerConfig | dict | None = None,
                  entropy: float = 2.0, s_max: float = 0.5, sigma: float = 0.6, direction: str = "random",
                  observations: int = 1, continuation: str = "iid", embed_noise: float = 0.1, steepness: float = 2.0,
+                 teacher_law: str = "scaled", teacher_weight_sd: float = 1.0, teacher_bias_sd: float = 0.5,
+                 student_hidden: int | None = None, student_init_scale: float = 0.05,
+                 features: Sequence[str] | str | None = None,
                  max_enumerate: int = 200_000, num_prefix_samples: int = 20_000, n: int | None = None,
                  name: str = "custom", seed: int = 0) -> None:
         self.vocab_size = V = check_int("vocab_size", vocab_size, 2)
         self.prefix_len = L = check_int("prefix_len", prefix_len, 1)
-        self.embed_dim = d = check_int("embed_dim", embed_dim, 1)
+        self.features, self.embed_dim = resolve_features(features, embed_dim)
+        d = self.embed_dim
         self.latent_dim = check_int("latent_dim", latent_dim, 1)
         self.teacher_kind = check_choice("teacher", teacher, TEACHERS, word="unknown")
         self.hidden = check_int("hidden", hidden, 1)
@@ -150,6 +184,14 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
         self.continuation = check_choice("continuation", continuation, CONTINUATIONS, word="unknown")
         self.embed_noise = check_float("embed_noise", embed_noise, low=0.0)
         self.steepness = check_float("steepness", steepness, low=0.0, low_open=True)
+        self.teacher_law = check_choice("teacher_law", teacher_law, TEACHER_LAWS, word="unknown")
+        self.teacher_weight_sd = check_float("teacher_weight_sd", teacher_weight_sd, low=0.0, low_open=True)
+        self.teacher_bias_sd = check_float("teacher_bias_sd", teacher_bias_sd, low=0.0)
+        if student_hidden is not None and not (is_integer(student_hidden) and student_hidden >= 1):
+            raise ValueError(f"student_hidden={student_hidden!r} is invalid; allowed: an integer >= 1 or None "
+                             "(the teacher's hidden)")
+        self.student_hidden = None if student_hidden is None else int(student_hidden)
+        self.student_init_scale = check_float("student_init_scale", student_init_scale, low=0.0, low_open=True)
         self.max_enumerate = check_int("max_enumerate", max_enumerate, 1)
         self.num_prefix_samples = check_int("num_prefix_samples", num_prefix_samples, 1)
         self.n = None if n is None else check_int("n", n, 1)
@@ -168,15 +210,17 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
         # tokens, coordinates and embedding (DESIGN §4)
         self.coordinates = np.linspace(-1.0, 1.0, V)  # (V,) s_v
         self.tokens_in_support = np.flatnonzero(self.coordinates <= self.s_max + S_TOL)  # never empty: s_0 = -1
-        E = smooth_features(self.coordinates, d) + self.embed_noise * rng_embedding.standard_normal((V, d))
+        E = smooth_features(self.coordinates, self.features) + self.embed_noise * rng_embedding.standard_normal((V, d))
         self.embedding = torch.tensor(E, dtype=torch.float64)  # (V, d)
         self._init_prefix_sets()
 
         # the truth p*(y | x, z): teacher network, direction A*, entropy calibration
         network = make_teacher_network(self.teacher_kind, embedding=self.embedding, prefix_len=L, hidden=self.hidden,
-                                       steepness=self.steepness, transformer=self.transformer_config, rng=rng_teacher)
+                                       steepness=self.steepness, transformer=self.transformer_config, rng=rng_teacher,
+                                       law=self.teacher_law, weight_sd=self.teacher_weight_sd,
+                                       bias_sd=self.teacher_bias_sd)
         A = make_direction(self.direction, prefix_len=L, embed_dim=d, latent_dim=self.latent_dim, sigma=self.sigma,
-                           s_max=self.s_max, rng=rng_direction)  # (L*d, q)
+                           s_max=self.s_max, rng=rng_direction, features=self.features)  # (L*d, q)
         self.teacher = make_teacher(network, A, embedding=self.embedding, prefix_len=L,
                                     continuation=self.continuation)
         self.teacher_entropy, self.logit_scale = calibrate_entropy(self.teacher, self.embedding,
@@ -186,13 +230,17 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
     @classmethod
     def reference(cls, name: str, **overrides) -> "PerturbedNextToken":
         """A reference design of DESIGN §3/§4 by name (see :mod:`simstudy.dgm.designs`),
-        with any constructor argument overridden (e.g. ``sigma=0.3, seed=4``)."""
+        with any constructor argument overridden (e.g. ``sigma=0.3, seed=4``); ``features`` without
+        ``embed_dim`` replaces the design's embed_dim (d is then their number)."""
         check_choice("name", name, tuple(DESIGNS), word="unknown")
-        return cls(**{**DESIGNS[name], "name": name, **overrides})
+        design = dict(DESIGNS[name])
+        if overrides.get("features") is not None and "embed_dim" not in overrides:
+            design.pop("embed_dim", None)
+        return cls(**{**design, "name": name, **overrides})
 
     def tangent(self) -> np.ndarray:
-        """The unit tangent d phi / ds of the smooth embedding at s_max, ``(d,)``."""
-        return tangent(self.s_max, self.embed_dim)
+        """The unit tangent d phi / ds of the smooth embedding (its ``features``) at s_max, ``(d,)``."""
+        return tangent(self.s_max, self.features)
 
     @property
     def A_star(self) -> torch.Tensor:
@@ -292,7 +340,13 @@ class PerturbedNextToken(SemanticSupport, ExactMarginal, StudentFactory):
             "entropy_target": self.entropy, "entropy_teacher_id": self.teacher_entropy,
             "logit_scale": self.logit_scale, "s_max": self.s_max, "sigma": self.sigma, "direction": self.direction,
             "observations": self.observations, "continuation": self.continuation, "embed_noise": self.embed_noise,
-            "steepness": self.steepness if self.teacher_kind == "mlp" else None,
+            "steepness": self.steepness if self.teacher_kind == "mlp" and self.teacher_law == "scaled" else None,
+            "teacher_law": self.teacher_law,
+            "teacher_weight_sd": self.teacher_weight_sd if self.teacher_law == "gaussian" else None,
+            "teacher_bias_sd": self.teacher_bias_sd if self.teacher_law == "gaussian" else None,
+            "features": ",".join(self.features),
+            "student_hidden": self.hidden if self.student_hidden is None else self.student_hidden,
+            "student_init_scale": self.student_init_scale,
             "tokens_in_support": len(self.tokens_in_support),
             "prefixes_enumerated": self._enumerated,
             "num_prefixes_in": len(self._prefix_sets["in"]), "num_prefixes_oos": len(self._prefix_sets["oos"]),

@@ -2,8 +2,9 @@
 
 :class:`StudentFactory` is a mixin: its host sets ``vocab_size``, ``prefix_len``,
 ``embed_dim``, ``latent_dim``, ``observations``, ``continuation``, ``embedding``
-``(V, d)`` and the teacher's family (``teacher_kind``, ``hidden``,
-``transformer_config``), so that the default student is well specified.
+``(V, d)``, the teacher's family (``teacher_kind``, ``hidden``,
+``transformer_config``) and the student defaults ``student_hidden`` (None: ``hidden``)
+and ``student_init_scale``, so that the default student is well specified.
 """
 from __future__ import annotations
 
@@ -23,29 +24,33 @@ class StudentFactory:
 
     def make_student(self, *, network: str | None = None, hidden: int | None = None, perturbation: str = "linear",
                      latent_dim: int | None = None, transformer: TransformerConfig | dict | None = None,
-                     init_scale: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float64,
+                     init_scale: float | None = None, seed: int = 0, dtype: torch.dtype = torch.float64,
                      **perturbation_options) -> PerturbedLM:
         """A fresh, randomly initialised student sharing the embedding E (DESIGN §4).
 
-        Defaults give a well-specified student: the teacher's family, hidden size,
+        Defaults give a well-specified student: the teacher's family, the DGM's student
+        width (``student_hidden``, by default the teacher's ``hidden``), the teacher's
         transformer size and q, a linear perturbation with A small and random
-        (``init_scale``; never zero, DESIGN §2). Initialised from ``seed`` without
-        touching torch's global generator.
+        (the DGM's ``student_init_scale``; never zero, DESIGN §2). Initialised from
+        ``seed`` without touching torch's global generator.
 
         Parameters
         ----------
         network : "linear", "mlp" or "transformer"; None: the teacher's.
-        hidden : MLP width; None: the teacher's.
+        hidden : MLP width; None: the DGM's ``student_hidden`` (itself None: the teacher's ``hidden``).
         perturbation : a name of :data:`simstudy.models.PERTURBATIONS`.
         latent_dim : q of the student's latent; None: the truth's.
         transformer : the transformer's size; None: the teacher's (or the default).
-        init_scale : scale of the initial perturbation weights (linear and mlp maps).
+        init_scale : scale of the initial perturbation weights (linear and mlp maps); None: the DGM's
+            ``student_init_scale``. An explicit value wins.
         seed : torch seed of the initialisation.
         dtype : the student's floating dtype.
         **perturbation_options : further keywords of the perturbation map (sigma, alpha, rho, ...).
         """
         kind = check_choice("network", self.teacher_kind if network is None else network, NETWORKS, word="unknown")
-        hidden = check_int("hidden", self.hidden if hidden is None else hidden, 1)
+        if hidden is None:
+            hidden = self.hidden if self.student_hidden is None else self.student_hidden
+        hidden = check_int("hidden", hidden, 1)
         q = check_int("latent_dim", self.latent_dim if latent_dim is None else latent_dim, 1)
         if kind == "transformer":
             config = transformer_config(transformer if transformer is not None else self.transformer_config,
@@ -54,7 +59,7 @@ class StudentFactory:
             config = None
         options = dict(perturbation_options)
         if perturbation in LEARNED_SCALE_MAPS:
-            options["init_scale"] = init_scale
+            options["init_scale"] = self.student_init_scale if init_scale is None else init_scale
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(check_int("seed", seed, 0))
             net = make_network(kind, vocab_size=self.vocab_size, prefix_len=self.prefix_len,

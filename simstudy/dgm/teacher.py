@@ -10,6 +10,7 @@ teacher's mean entropy over the in-support prefixes is a stated value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,10 +19,12 @@ from scipy import optimize
 from ..models import LinearPerturbation, Network, PerturbedLM, TransformerConfig, make_network
 from .features import smooth_features
 
-__all__ = ["calibrate_entropy", "make_direction", "make_teacher", "make_teacher_network", "tangent",
+__all__ = ["TEACHER_LAWS", "calibrate_entropy", "make_direction", "make_teacher", "make_teacher_network", "tangent",
            "transformer_config", "window_moments"]
 
 _ROWS = 65536  # rows per forward chunk of the deterministic teacher
+#: Laws of the teacher's weights (:func:`make_teacher_network`); "scaled" is the default.
+TEACHER_LAWS = ("scaled", "gaussian")
 
 
 def transformer_config(transformer: TransformerConfig | dict | None, *, prefix_len: int,
@@ -52,14 +55,23 @@ def window_moments(embedding: torch.Tensor, prefix_len: int) -> tuple[np.ndarray
 
 
 def make_teacher_network(kind: str, *, embedding: torch.Tensor, prefix_len: int, hidden: int, steepness: float,
-                         transformer: TransformerConfig | None, rng: np.random.Generator) -> Network:
+                         transformer: TransformerConfig | None, rng: np.random.Generator, law: str = "scaled",
+                         weight_sd: float = 1.0, bias_sd: float = 0.5) -> Network:
     """The teacher network f* (float64) with weights drawn from ``rng`` (the laws in PerturbedNextToken's docs).
 
-    mlp: rows of W1 scaled so each unit's pre-activation has SD ``steepness`` over windows of
-    uniform tokens, b1 centring the unit at ``steepness * U(-1, 1)``, W2 and b2 N(0, 1);
-    linear: rows of W with unit SD, b ~ N(0, 1); transformer: PyTorch's default initialisation
-    under a seed drawn from ``rng``.
+    ``law="scaled"``: mlp: rows of W1 scaled so each unit's pre-activation has SD ``steepness`` over
+    windows of uniform tokens, b1 centring the unit at ``steepness * U(-1, 1)``, W2 and b2 N(0, 1);
+    linear: rows of W with unit SD, b ~ N(0, 1).
+    ``law="gaussian"`` (DESIGN §4, the independent implementation's teacher): mlp: W1 entries
+    N(0, weight_sd^2), b1 ~ N(0, bias_sd^2), W2 ~ N(0, 1), b2 = 0; linear: W entries N(0, weight_sd^2),
+    b ~ N(0, bias_sd^2). transformer: PyTorch's default initialisation under a seed drawn from ``rng``
+    (law "scaled" only). Every law first draws that torch seed, then the weights in the order above.
     """
+    if law not in TEACHER_LAWS:
+        raise ValueError(f"teacher_law={law!r} is unknown; allowed: {', '.join(TEACHER_LAWS)}")
+    if kind == "transformer" and law != "scaled":
+        raise ValueError(f"teacher_law={law!r} is invalid for teacher='transformer'; allowed: 'scaled' "
+                         "(the transformer teacher keeps PyTorch's default initialisation)")
     V, d = embedding.shape
     L = prefix_len
     with torch.random.fork_rng(devices=[]):
@@ -74,7 +86,17 @@ def make_teacher_network(kind: str, *, embedding: torch.Tensor, prefix_len: int,
         return scale * G / sd[:, None]
 
     with torch.no_grad():
-        if kind == "mlp":
+        if kind == "mlp" and law == "gaussian":
+            W1 = weight_sd * rng.standard_normal((hidden, L * d))  # (H, L*d)
+            b1 = bias_sd * rng.standard_normal(hidden)  # (H,)
+            net.hidden.weight.copy_(torch.tensor(W1))
+            net.hidden.bias.copy_(torch.tensor(b1))
+            net.head.weight.copy_(torch.tensor(rng.standard_normal((V, hidden))))  # (V, H)
+            net.head.bias.zero_()  # (V,) b2 = 0
+        elif kind == "linear" and law == "gaussian":
+            net.head.weight.copy_(torch.tensor(weight_sd * rng.standard_normal((V, L * d))))  # (V, L*d)
+            net.head.bias.copy_(torch.tensor(bias_sd * rng.standard_normal(V)))  # (V,)
+        elif kind == "mlp":
             W1 = standardised_rows(hidden, steepness)  # (H, L*d)
             b1 = -W1 @ mean + steepness * rng.uniform(-1.0, 1.0, hidden)  # (H,)
             net.hidden.weight.copy_(torch.tensor(W1))
@@ -87,21 +109,23 @@ def make_teacher_network(kind: str, *, embedding: torch.Tensor, prefix_len: int,
     return net
 
 
-def tangent(s_max: float, embed_dim: int) -> np.ndarray:
-    """The unit tangent d phi / ds of the smooth embedding at s_max, ``(d,)``."""
-    t = smooth_features(s_max, embed_dim, derivative=True)
+def tangent(s_max: float, features: int | Sequence[str]) -> np.ndarray:
+    """The unit tangent d phi / ds of the smooth embedding at s_max, ``(d,)``; ``features``: the number d of
+    default features or their names (:mod:`simstudy.dgm.features`)."""
+    t = smooth_features(s_max, features, derivative=True)
     return t / np.linalg.norm(t)
 
 
 def make_direction(direction: str, *, prefix_len: int, embed_dim: int, latent_dim: int, sigma: float,
-                   s_max: float, rng: np.random.Generator) -> np.ndarray:
+                   s_max: float, rng: np.random.Generator, features: Sequence[str] | None = None) -> np.ndarray:
     """A* ``(L d, q)`` of Frobenius norm ``sigma``: Gaussian then normalised ("random"), or "tangent":
-    prefix position l moves along the unit tangent at s_max, driven by latent coordinate l mod q."""
+    prefix position l moves along the unit tangent at s_max of the embedding's ``features`` (None: the
+    first d default ones), driven by latent coordinate l mod q."""
     L, d, q = prefix_len, embed_dim, latent_dim
     if direction == "random":
         A = rng.standard_normal((L * d, q))
     else:
-        t = tangent(s_max, d)
+        t = tangent(s_max, d if features is None else features)  # (d,)
         A = np.zeros((L * d, q))
         for pos in range(L):
             for j in range(q):

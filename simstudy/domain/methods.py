@@ -94,16 +94,18 @@ class MethodSpec:
 class PerturbationMethod(MethodSpec):
     """A method of the synthetic perturbation domain (DGMs of :mod:`simstudy.dgm`), DESIGN §3.
 
-    Adds the student's network and its size, the solver (``sgd``: :func:`~simstudy.fit.fit_sgd`;
+    Adds the student's network and its size (``hidden`` None: the DGM's ``student_hidden``, itself
+    the teacher's width by default), the solver (``sgd``: :func:`~simstudy.fit.fit_sgd`;
     ``exact``: :func:`~simstudy.fit.fit_exact`, which solves the equation's ``root_objective``)
-    and the perturbation's initial scale.
+    and the perturbation's initial scale (``init_scale`` None: the DGM's ``student_init_scale``).
     """
 
     network: str | None = field(default=None, metadata={"help": "student network; None: the teacher's family"})
-    hidden: int | None = field(default=None, metadata={"help": "MLP width; None: the teacher's"})
+    hidden: int | None = field(default=None, metadata={"help": "MLP width; None: the DGM's student_hidden"})
     transformer: dict | None = field(default=None, metadata={"help": "TransformerConfig fields"})
     solver: str = field(default="sgd", metadata={"help": "sgd or exact"})
-    init_scale: float = field(default=0.05, metadata={"help": "scale of the perturbation's random init"})
+    init_scale: float | None = field(default=None, metadata={"help": "scale of the perturbation's random init; "
+                                                             "None: the DGM's student_init_scale (0.05)"})
     scale_passes_with_n: bool = field(default=True, metadata={"help": "step budget grows with n (passes fixed)"})
 
     baselines: ClassVar[dict[str, dict]] = {

@@ -28,7 +28,8 @@ from .base import (SCOPES, Equation, EquationOutput, quadrature_divergences, qua
                    quadrature_log_probs, quadrature_posterior_mean, quadrature_token_log_lik)
 from .importance import SUMO, Augmentation, ImportanceSampling
 from .mle import MLE
-from .posterior import PosteriorDraws, PosteriorExact, PosteriorMH, RejectionBudgetExceeded
+from .posterior import FALLBACKS, PosteriorDraws, PosteriorExact, RejectionBudgetExceeded
+from .posterior_mh import PosteriorMH
 from .scoring import Q2
 
 EQUATIONS: dict[str, type[Equation]] = {
@@ -99,7 +100,7 @@ def equations_with(**facts) -> list[str]:
 
 
 __all__ = [
-    "EQUATIONS", "SCOPES", "equations_with", "is_label", "label_forms", "parse_label", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
+    "EQUATIONS", "FALLBACKS", "SCOPES", "equations_with", "is_label", "label_forms", "parse_label", "AuditResult", "Augmentation", "Equation", "EquationOutput", "ImportanceSampling",
     "MLE", "PosteriorDraws", "PosteriorExact", "PosteriorMH", "Q2", "RejectionBudgetExceeded", "SUMO",
     "gradient_audit", "make_equation", "quadrature_divergences", "quadrature_log_marginal", "quadrature_log_probs",
     "quadrature_posterior_mean", "quadrature_token_log_lik",

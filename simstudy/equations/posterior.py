@@ -1,4 +1,5 @@
-"""Posterior-sampling equations: ps-exact (rejection) and ps-mh (Metropolis-Hastings), DESIGN §3.
+"""Posterior-sampling equation ps-exact: exact posterior draws by rejection, DESIGN §3
+(ps-mh, its Metropolis-Hastings sibling, is :mod:`simstudy.equations.posterior_mh`).
 
 Both use g = grad log p(y | x, z) with z (approximately) drawn from the per-datum
 posterior p(z | x, y) proportional to p(z) p(y | x, z), held fixed. By Fisher's
@@ -11,7 +12,7 @@ forward pass per position and is not offered.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,7 @@ from .base import Equation
 from .. import draws
 
 
+FALLBACKS = ("none", "importance")  # what ps-exact does for a datum whose rejection budget runs out
 _PACE = 4.0  # r remaining draws get r / (r + _PACE) * r / m_hat proposals per round
 _SE_HIGH = 1.0  # m_hat is taken this many standard errors high
 
@@ -87,8 +89,17 @@ class PosteriorExact(Equation):
     posterior draws and g is unbiased.
 
     A datum that reaches ``max_proposals`` proposals without its draws raises
-    :class:`RejectionBudgetExceeded` (never a silent bias). Data of weight 0 are
-    skipped.
+    :class:`RejectionBudgetExceeded` (never a silent bias; ``fallback="none"``, the
+    strict variant and the default). Data of weight 0 are skipped.
+
+    ``fallback="importance"`` lets ps-exact start from a random initialisation, where a
+    few data have a tiny m(y | x) under the student (issue 11): such a datum gets one
+    draw by importance resampling from all of its proposals instead (prior proposals
+    weighted by p(y | x, z), kept as a streaming Gumbel-max pick per round, so it costs
+    no extra forward pass). That draw is only approximately from the posterior, so the
+    equation is then slightly biased; the fraction of data that fell back is returned
+    in the stats (``fallback_fraction``; per fit, the mean over steps is the fraction of
+    datum-visits) and must be reported beside the results.
 
     Numerics: the test log u < log p(y | x, z) and the running estimate of m stay in
     log space, so logits of +-1e4 are handled wherever acceptance is feasible (for
@@ -106,6 +117,8 @@ class PosteriorExact(Equation):
         Largest factor by which a datum's proposals may grow in one round.
     max_rows : int >= 1
         Rows per forward pass (memory bound; a round may take several passes).
+    fallback : {"none", "importance"}
+        What happens when a datum's budget runs out: raise (strict) or one importance-resampled draw.
     """
 
     name = "ps-exact"
@@ -118,11 +131,13 @@ class PosteriorExact(Equation):
     max_proposals: int = 100_000
     growth: float = 4.0
     max_rows: int = 65_536
+    fallback: str = "none"
     scope: str = "datum"
 
     def validate(self):
         check_int("num_draws", self.num_draws, 1)
         check_int("max_proposals", self.max_proposals, 1)
+        check_choice("fallback", self.fallback, FALLBACKS)
         if check_positive("growth", self.growth) <= 1:
             raise ValueError(f"growth={self.growth!r} is invalid; allowed: a number > 1")
         check_int("max_rows", self.max_rows, 1)
@@ -145,6 +160,9 @@ class PosteriorExact(Equation):
         log_sum_p2 = torch.full((B,), -math.inf, dtype=torch.float64, device=device)  # log sum of p^2
         kept = None
         rounds = 0
+        resample = self.fallback == "importance"
+        fell_back = torch.zeros(B, dtype=torch.bool, device=device)
+        candidate, log_mass = None, torch.full((B,), -math.inf, dtype=torch.float64, device=device)
         while bool(todo.any()):
             rounds += 1
             ids = todo.nonzero().squeeze(1)  # (b,)
@@ -180,8 +198,17 @@ class PosteriorExact(Equation):
             kept[rows[take], slot] = z[take, 0]
             accepted += torch.zeros(B, dtype=torch.long, device=device).index_add_(0, rows, take.long())
             proposals += torch.zeros(B, dtype=torch.long, device=device).index_add_(0, rows, torch.ones_like(rows))
+            if resample:
+                candidate, log_mass = self._resample_round(candidate, log_mass, z[:, 0], logp, rows, B, generator)
             todo = todo & (accepted < K)
             over = todo & (proposals >= self.max_proposals)
+            if resample and bool(over.any()):  # one importance-resampled draw from every proposal so far
+                ids_over = (over & torch.isfinite(log_mass)).nonzero().squeeze(1)
+                kept[ids_over, accepted[ids_over]] = candidate[ids_over]
+                accepted[ids_over] += 1
+                fell_back[ids_over] = True
+                todo = todo & ~fell_back
+                over = todo & (proposals >= self.max_proposals)
             if bool(over.any()):
                 i = int(over.nonzero()[0, 0])
                 log_m = float(log_sum_p[i] - math.log(max(int(proposals[i]), 1)))
@@ -198,8 +225,35 @@ class PosteriorExact(Equation):
         stats = {"proposals": float(proposals.sum()), "accepted": float(accepted.sum()), "rounds": float(rounds),
                  "acceptance_rate": float(accepted.sum()) / max(float(proposals.sum()), 1.0),
                  "proposals_per_accepted": float(proposals.sum()) / max(float(accepted.sum()), 1.0),
-                 "max_proposals_datum": float(proposals.max()), "data_sampled": float(n_data)}
+                 "max_proposals_datum": float(proposals.max()), "data_sampled": float(n_data),
+                 "fallback": float(fell_back.sum()), "fallback_fraction": float(fell_back.sum()) / n_data}
         return PosteriorDraws(latent=kept, accepted=accepted, proposals=proposals, stats=stats)
+
+    @staticmethod
+    def _resample_round(candidate, log_mass, z, logp, rows, B, generator):
+        """Streaming importance resampling over all proposals of each datum (prior proposals, weights
+        p(y | x, z)): this round's Gumbel-max pick replaces the datum's candidate with probability
+        (this round's mass) / (all mass so far). ``z`` ``(N, *latent_shape)``, ``logp`` ``(N,)``;
+        returns the updated ``(candidate (B, *latent_shape), log_mass (B,))``."""
+        if candidate is None:
+            candidate = z.new_zeros((B, *z.shape[1:]))
+        gumbel = -(-draws.rand(rows.shape[0], generator=generator, dtype=logp.dtype, device=z.device).log()).log()
+        key = logp + gumbel  # (N,)
+        best = torch.full((B,), -math.inf, dtype=key.dtype, device=z.device).scatter_reduce(0, rows, key, "amax")
+        top = (key == best[rows]) & torch.isfinite(key)  # (N,) one winner per datum (ties have probability 0)
+        pick = torch.zeros(B, dtype=torch.long, device=z.device).scatter_(0, rows[top], top.nonzero().squeeze(1))
+        round_mass = torch.full((B,), -math.inf, dtype=torch.float64, device=z.device).scatter_reduce(
+            0, rows, logp.double(), "amax")
+        shift = torch.where(torch.isfinite(round_mass), round_mass, torch.zeros_like(round_mass))
+        part = torch.zeros(B, dtype=torch.float64, device=z.device).index_add_(0, rows, (logp.double() - shift[rows]).exp())
+        round_mass = part.log() + shift  # (B,) log of this round's summed weights
+        total = torch.logaddexp(log_mass, round_mass)
+        u = draws.rand(B, generator=generator, dtype=torch.float64, device=z.device)
+        seen = torch.zeros(B, dtype=torch.bool, device=z.device)
+        seen[rows] = True
+        swap = seen & torch.isfinite(round_mass) & (u.log() < round_mass - total)
+        candidate = torch.where(swap.view(B, *([1] * (z.dim() - 1))), z[pick], candidate)
+        return candidate, torch.where(seen, total, log_mass)
 
     @staticmethod
     def _m_upper(log_sum_p, log_sum_p2, n):
@@ -224,101 +278,3 @@ class PosteriorExact(Equation):
         per = torch.zeros(x.shape[0], dtype=ll.dtype, device=x.device).index_add(
             0, rows, ll / counts.repeat_interleave(counts).to(ll.dtype))  # (B,) mean over kept draws
         return -per, stats
-
-
-@dataclass
-class PosteriorMH(Equation):
-    """ps-mh: z from a Metropolis-Hastings chain targeting p(z | x, y), ``steps`` B per visit (DESIGN §3).
-
-    Proposals: ``"independence"`` (z' from the prior; accept with probability
-    min(1, p(y | x, z') / p(y | x, z)); any latent prior) or ``"random-walk"``
-    (z' = z + step_size * eps; accept with min(1, pi(z') / pi(z)),
-    pi(z) = N(z; 0, I) p(y | x, z); Gaussian latents only). Each step is one
-    forward pass for all chains of the minibatch (``num_draws`` chains per datum).
-
-    Chains start from a fresh prior draw each call by default: the mean of g is
-    grad log m only once the chain has mixed (DESIGN §3: B = 20 was still biased
-    away from the truth, B = 100 was not). ``persistent=True`` keeps one set of
-    chains per datum id (``index``) across calls, each visit continuing from the
-    stored state at the current parameters.
-    """
-
-    name = "ps-mh"
-    audit_expectation = "mixing"
-    root_objective = "likelihood"
-    label_pattern = r"ps-mh-B(\d+)"
-    label_option = "steps"
-    estimand = "mean log m(y | x) (per-datum posterior, once the chain has mixed)"
-    scopes = ("datum",)
-
-    steps: int = 100
-    proposal: str = "independence"
-    step_size: float = 0.5
-    num_draws: int = 1
-    persistent: bool = False
-    scope: str = "datum"
-    _chains: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def validate(self):
-        check_int("steps", self.steps, 1)
-        check_choice("proposal", self.proposal, ("independence", "random-walk"))
-        check_positive("step_size", self.step_size)
-        check_int("num_draws", self.num_draws, 1)
-        if not isinstance(self.persistent, bool):
-            raise ValueError(f"persistent={self.persistent!r} is invalid; allowed: True or False")
-        super().validate()
-
-    def get_params(self):
-        params = super().get_params()
-        params.pop("_chains", None)
-        return params
-
-    def reset_chains(self) -> None:
-        """Forget the persistent chains."""
-        self._chains.clear()
-
-    @torch.no_grad()
-    def run_chains(self, model, x, y, *, generator=None, index=None):
-        """Run ``steps`` MH steps for ``num_draws`` chains per datum: ``(latent (B, K, ...), stats)``."""
-        B, K = x.shape[0], self.num_draws
-        if self.proposal == "random-walk" and not getattr(model.perturbation, "gaussian_latent", False):
-            raise ValueError(f"proposal='random-walk' needs a Gaussian latent; "
-                             f"{type(model.perturbation).__name__} has none; allowed: independence")
-        z = model.sample_latent(x, K, generator)  # (B, K, ...)
-        keys = None
-        if self.persistent:
-            if index is None:
-                raise ValueError("index=None is invalid with persistent=True; allowed: a (B,) tensor of datum ids")
-            keys = [int(i) for i in index.tolist()]
-            for b, key in enumerate(keys):
-                state = self._chains.get(key)
-                if state is not None:
-                    z[b] = state.to(z)
-        logp = model.log_lik(x, y, z)  # (B, K)
-        accepted = torch.zeros((), dtype=torch.long, device=x.device)
-        event = tuple(range(2, z.dim()))
-        for _ in range(self.steps):
-            if self.proposal == "independence":
-                prop = model.sample_latent(x, K, generator)
-                log_prior_ratio = 0.0
-            else:
-                eps = draws.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-                prop = z + self.step_size * eps
-                log_prior_ratio = 0.5 * ((z ** 2).sum(event) - (prop ** 2).sum(event))  # (B, K)
-            logp_prop = model.log_lik(x, y, prop)  # (B, K)
-            log_u = draws.rand(logp.shape, generator=generator, dtype=logp.dtype, device=x.device).log()
-            acc = log_u < logp_prop - logp + log_prior_ratio  # (B, K)
-            z = torch.where(acc.view(*acc.shape, *([1] * len(event))), prop, z)
-            logp = torch.where(acc, logp_prop, logp)
-            accepted += acc.sum()
-        if keys is not None:
-            for b, key in enumerate(keys):
-                self._chains[key] = z[b].clone()
-        proposals = B * K * self.steps
-        stats = {"proposals": float(proposals), "accepted": float(accepted),
-                 "acceptance_rate": float(accepted) / proposals, "steps": float(self.steps)}
-        return z, stats
-
-    def per_datum_loss(self, model, x, y, *, weights, generator, index):
-        z, stats = self.run_chains(model, x, y, generator=generator, index=index)
-        return -model.log_lik(x, y, z).mean(1), stats

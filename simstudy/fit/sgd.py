@@ -6,6 +6,14 @@ step budget scales with n (``passes`` over the data) and the learning rate decay
 by the held-out log marginal likelihood (quadrature when the latent allows it,
 else a fixed-seed IWAE bound). Non-finite or exploding losses raise
 :class:`FitDiverged`, which a study records as a failure.
+
+Early stopping as a protocol (DESIGN §4: compare methods only when each has reached
+its own early-stopping point): the budget is a maximum in passes (``passes``), the
+validation interval and the patience may be given in passes too
+(``eval_every_passes``, ``patience_passes``), and every fit records where it
+stopped (``steps``, ``best_step``, ``passes_run``, ``best_pass``), whether early
+stopping fired (``stopped_early``) or the budget ran out first (``hit_cap``), and
+its validation curve (``FitResult.history``).
 """
 from __future__ import annotations
 
@@ -41,6 +49,10 @@ class SGDConfig:
     validation_fraction: float = field(default=0.1, metadata={"help": "held-out share for early stopping (0: none)"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation scores"})
     patience: int = field(default=10, metadata={"help": "validation scores without improvement before stopping"})
+    eval_every_passes: float | None = field(default=None, metadata={
+        "help": "passes between validation scores (overrides eval_every)"})
+    patience_passes: float | None = field(default=None, metadata={
+        "help": "passes without improvement before stopping (overrides patience)"})
     validation_draws: int = field(default=64, metadata={"help": "IWAE draws when quadrature is not available"})
     explode_factor: float = field(default=1e3, metadata={"help": "loss above factor * (|initial| + 1) is divergence"})
     weight_decay: float = field(default=0.0, metadata={"help": "L2 penalty on the parameters"})
@@ -54,6 +66,9 @@ class SGDConfig:
             check_int(name, getattr(self, name), 1)
         if self.steps is not None:
             check_int("steps", self.steps, 1)
+        for name in ("eval_every_passes", "patience_passes"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
         check_float("validation_fraction", self.validation_fraction, low=0.0, high=1.0)
         check_float("final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
         check_positive("weight_decay", self.weight_decay, strict=False)
@@ -64,6 +79,21 @@ class SGDConfig:
             return int(self.steps)
         steps = math.ceil(self.passes * n / self.batch_size)
         return int(min(max(steps, self.min_steps), self.max_steps))
+
+    def steps_per_pass(self, n: int) -> float:
+        """Minibatch steps in one pass over n training data."""
+        return n / min(self.batch_size, max(n, 1))
+
+    def evaluation_schedule(self, n: int) -> tuple[int, int]:
+        """``(eval_every, patience)`` in steps and evaluations for n training data: the pass-based
+        settings (``eval_every_passes``, ``patience_passes``) converted, else the step-based ones."""
+        every = self.eval_every
+        if self.eval_every_passes is not None:
+            every = max(1, round(self.eval_every_passes * self.steps_per_pass(n)))
+        patience = self.patience
+        if self.patience_passes is not None:
+            patience = max(1, math.ceil(self.patience_passes * self.steps_per_pass(n) / every))
+        return int(every), int(patience)
 
 
 def learning_rate(config: SGDConfig, step: int, total: int) -> float:
@@ -132,6 +162,7 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
     val_idx, train_idx = order[:n_val], order[n_val:]
     n_train = train_idx.numel()
     total = config.budget(n_train)
+    eval_every, patience = config.evaluation_schedule(n_train)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -171,7 +202,7 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
             stat_sums[key] = stat_sums.get(key, 0.0) + float(val)
         if progress is not None:
             progress(step, total, ema)
-        if step % config.eval_every == 0 or step == total:
+        if step % eval_every == 0 or step == total:
             row = {"step": step, "loss": ema, "lr": lr}
             if n_val:
                 score = held_out_score(model, x[val_idx], y[val_idx], num_draws=config.validation_draws)
@@ -183,7 +214,7 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
                     best_state = _snapshot(model)
                 else:
                     bad_evals += 1
-                    if bad_evals >= config.patience:
+                    if bad_evals >= patience:
                         stopped_early = True
                         history.append(row)
                         break
@@ -192,9 +223,12 @@ def fit_sgd(model, equation, x: torch.Tensor, y: torch.Tensor, *, config: SGDCon
         raise FitDiverged("non-finite parameters at the end of the fit")
     if best_state is not None:
         _restore(model, best_state)
+    per_pass = config.steps_per_pass(n_train)
     stats = {"steps": step, "budget": total, "n_train": int(n_train), "n_validation": int(n_val),
              "best_step": best_step if n_val else step, "stopped_early": stopped_early,
-             "seconds": time.perf_counter() - started, "final_loss": ema}
+             "hit_cap": bool(n_val) and not stopped_early, "passes_run": step / per_pass,
+             "best_pass": (best_step if n_val else step) / per_pass, "eval_every": eval_every,
+             "patience": patience, "seconds": time.perf_counter() - started, "final_loss": ema}
     if n_val:
         stats["validation_log_m"] = best_score
     stats.update({f"eq_{k}": v / step for k, v in stat_sums.items()})

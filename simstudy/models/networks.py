@@ -58,7 +58,7 @@ class WindowNetwork(Network):
         c = num_prev + 1
         if continuation == "iid" or num_prev == 0:
             logits = self.window_logits(prefix_embeds.reshape(N, 1, L * d))  # (N, 1, V)
-            return self.logit_scale * logits.expand(N, c, self.vocab_size)
+            return (self.logit_scale * logits).expand(N, c, self.vocab_size)  # a view: the c rows are one
         if continuation != "autoregressive":
             raise ValueError(f"continuation={continuation!r} is unknown; allowed: {', '.join(CONTINUATIONS)}")
         seq = torch.cat([prefix_embeds, continuation_embeds], dim=1)  # (N, L + c - 1, d)

@@ -111,6 +111,9 @@ class PerturbedLM(LatentLikelihood, nn.Module):
         elif c > 1:
             previous = flat.new_zeros(B * K, c - 1, self.embed_dim)  # shapes only: iid ignores them
         logits = self.network(flat, previous, self.continuation)  # (B*K, c, V)
+        if c > 1 and logits.stride(1) == 0:  # iid observations share one row (an expanded view): normalise it once
+            logp = torch.log_softmax(logits[:, :1], dim=-1)  # (B*K, 1, V)
+            return logp.view(B, K, 1, self.vocab_size).expand(B, K, c, self.vocab_size)
         return torch.log_softmax(logits, dim=-1).view(B, K, c, self.vocab_size)
 
     def token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
