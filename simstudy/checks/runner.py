@@ -116,7 +116,8 @@ def write_results_page(out: Path, page: Path, *, command: str | None = None,
                   f"**Decision: {r['decision'].upper()}.** {r['summary']}", ""]
         notes = r.get("statistics", {}).get("notes")
         if notes:
-            lines += [f"**Notes.** {notes}", ""]
+            text = " ".join(str(n) for n in notes) if isinstance(notes, list) else str(notes)
+            lines += [f"**Notes.** {text}", ""]
         listed = r.get("statistics", {}).get("findings")
         if isinstance(listed, list) and listed:
             lines += ["**Comparisons.**", "", *[f"- {item}" for item in listed], ""]
