@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=["loky", "dask"], default=None, help="execution backend")
     r.add_argument("--scheduler", default=None, help="dask scheduler address (default: a LocalCluster)")
     r.add_argument("--replicates", type=_positive, default=None, help="override the file's replicates")
+    r.add_argument("--set", action="extend", nargs="+", default=[], metavar="TABLE.KEY=VALUE", dest="overrides",
+                   help="override a key of the study file's tables (a TOML value, or a plain string), e.g. "
+                        "dgm.teacher_law=gaussian design.sigma=[0.3,0.6]")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, text in (("summarize", "print and write summary.csv of a results directory"),
                        ("plot", "write figures/*.png of a results directory"),
@@ -174,7 +177,7 @@ def _cmd_run(args) -> int:
     if args.scheduler is not None and (problem := _scheduler_problem(args.scheduler, "--scheduler", connect=False)):
         return _fail(problem)
     try:
-        sf, study, default_out = load_study_file(args.study, replicates=args.replicates)
+        sf, study, default_out = load_study_file(args.study, replicates=args.replicates, overrides=args.overrides)
     except SpecError as exc:
         return _fail(str(exc))
     out = Path(args.out or sf.run.get("out") or default_out or f"results/{sf.name}")

@@ -201,8 +201,35 @@ def listings() -> dict[str, dict[str, str]]:
     return out
 
 
-def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
-    """Parse and validate the common part of a study file.
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """``doc`` (a parsed study file) with ``TABLE.KEY=VALUE`` overrides applied (the command line's ``--set``).
+
+    VALUE is read as a TOML value (``0.5``, ``"gaussian"``, ``[1, 2]``, ``true``) and, when it is not one,
+    as a plain string (``gaussian``). Only keys of tables can be set (``dgm.teacher_law``,
+    ``design.sigma``, ``study.replicates``), not entries of arrays of tables such as ``[[methods]]``.
+    The result is validated like the file itself.
+    """
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        parts = path.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise SpecError(f"--set {item!r} is invalid; allowed: TABLE.KEY=VALUE (for example dgm.sigma=0.3)")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        table = doc
+        for name in parts[:-1]:
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise SpecError(f"--set {item!r} is invalid: {name!r} is not a table; allowed: TABLE.KEY=VALUE "
+                                "for a key of a table (not of an array of tables such as [[methods]])")
+        table[parts[-1]] = value
+    return doc
+
+
+def parse_study_text(text: str, path: str | Path | None = None, *, overrides: list[str] | None = None) -> StudyFile:
+    """Parse and validate the common part of a study file (with ``overrides``: :func:`apply_overrides`).
 
     Raises
     ------
@@ -215,6 +242,7 @@ def parse_study_text(text: str, path: str | Path | None = None) -> StudyFile:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"study file {label!r} is not valid TOML: {exc}") from None
+    doc = apply_overrides(doc, list(overrides or []))
     if "study" not in doc or not isinstance(doc["study"], dict):
         raise SpecError(f"study file {label!r} has no [study] table; allowed: a file with [study] kind, "
                         "replicates, seed")
@@ -312,8 +340,8 @@ def build_study(sf: StudyFile, *, replicates: int | None = None) -> Study:
     return study
 
 
-def load_study_file(source: str | Path | None = None, *, replicates: int | None = None
-                    ) -> tuple[StudyFile, Study, str | None]:
+def load_study_file(source: str | Path | None = None, *, replicates: int | None = None,
+                    overrides: list[str] | None = None) -> tuple[StudyFile, Study, str | None]:
     """Read a study file (or built-in study name) and build its :class:`Study`.
 
     Parameters
@@ -323,6 +351,8 @@ def load_study_file(source: str | Path | None = None, *, replicates: int | None 
         :data:`DEFAULT_STUDY`.
     replicates : int, optional
         Override the file's replicates.
+    overrides : list of "TABLE.KEY=VALUE", optional
+        Override keys of the file's tables (:func:`apply_overrides`; the command line's ``--set``).
 
     Returns
     -------
@@ -353,7 +383,7 @@ def load_study_file(source: str | Path | None = None, *, replicates: int | None 
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SpecError(f"study file {str(source)!r} cannot be read ({exc}); allowed: a UTF-8 TOML file") from None
-    sf = parse_study_text(text, path)
+    sf = parse_study_text(text, path, overrides=overrides)
     return sf, build_study(sf, replicates=replicates), default_out
 
 
