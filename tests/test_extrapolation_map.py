@@ -72,3 +72,10 @@ def test_a_tiny_map_runs_end_to_end(tmp_path):
     assert (tmp_path / "extrapolation-map" / "identified_cell_curves.png").exists()
     table = res.tables["replicates"]
     assert set(table["method"]) == {"ps-mh (sgd)", "mle (sgd)"} and (table["status"] == "ok").all()
+
+
+def test_capped_fits_count_per_method():
+    from simstudy.checks.extrapolation_statistics import capped_fits
+    table = pd.DataFrame({"method": ["a", "a", "b", "c"], "fit_hit_cap": [1.0, 0.0, 1.0, float("nan")]})
+    assert capped_fits(table) == {"a": 1, "b": 1}
+    assert capped_fits(table.drop(columns="fit_hit_cap")) == {}

@@ -46,7 +46,7 @@ from .common import study_store
 from .extrapolation import dgm_overrides
 from .extrapolation_map_figures import map_figures
 from .extrapolation_methods import METHODS, make_method, method_settings
-from .extrapolation_statistics import bin_gains, curves, findings, paired_differences
+from .extrapolation_statistics import bin_gains, capped_fits, curves, findings, paired_differences
 
 __all__ = ["CLAIM", "NAME", "cells", "decide_map", "run"]
 
@@ -153,8 +153,7 @@ def run(context: CheckContext) -> CheckResult:
     recorded = {"cells": grid, "method": entries[0].label, "reference": entries[1].label, "replicates": replicates,
                 "seed": seed, "min_pairs": min_pairs, "dgm": dgm_options, "method_settings": asdict(settings)}
     statistics = {"cells": found.to_dict(orient="records"), "lines": lines,
-                  "fits_at_budget_cap": {m: int(v) for m, v in table[table.get(
-                      "fit_hit_cap", pd.Series(0.0, index=table.index)) == 1].groupby("method").size().items()}}
+                  "fits_at_budget_cap": capped_fits(table)}
     rule = ("PASS iff in every world x sigma* slice the cell with c = 2 and the tangent direction has the paired "
             f"OOS KL difference {entries[0].label} minus {entries[1].label} with its 95% t-interval entirely "
             "below 0, and no cell with c = 1 or a random direction has; FAIL otherwise; REPORTED if a cell has "

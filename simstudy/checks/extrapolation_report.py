@@ -21,7 +21,7 @@ from .common import fmt
 from .extrapolation_claim import CLAIM, NAME, REFERENCE_DESIGNS, decide, decision_rule
 from .extrapolation_figures import figures
 from .extrapolation_methods import DEFAULT_PRIMARY, METHODS, PREREGISTERED_PRIMARY
-from .extrapolation_statistics import bin_gains, curves, findings, paired_differences, per_method
+from .extrapolation_statistics import bin_gains, capped_fits, curves, findings, paired_differences, per_method
 
 __all__ = ["FIXED_BASELINES", "REFERENCES", "report", "report_from_stores", "stored_rows"]
 
@@ -63,8 +63,7 @@ def report(table: pd.DataFrame, *, primary: tuple[str, str], margin_fraction: fl
     statistics["failures"] = {str(k): int(v) for k, v in failures.groupby("method").size().items()}
     statistics["notes"] = notes
     decision, head = decide(found, primary, min_pairs=min_pairs)
-    capped = {m: int(v) for m, v in table.loc[table.get("fit_hit_cap", pd.Series(0.0, index=table.index)) == 1]
-              .groupby("method").size().items()}
+    capped = capped_fits(table)
     statistics["fits_at_budget_cap"] = capped
     if capped:  # a fit that ran out of budget before early stopping fired has not reached its own stopping point
         head += "; fits that hit the pass budget before early stopping: " + ", ".join(

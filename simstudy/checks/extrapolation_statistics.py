@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["bin_gains", "curves", "findings", "paired_differences", "per_method", "verdict"]
+__all__ = ["bin_gains", "capped_fits", "curves", "findings", "paired_differences", "per_method", "verdict"]
 
 #: Columns summarised per method (those present).
 SUMMARY_COLUMNS = ("kl_id", "kl_oos", "scale_ratio", "truth_shift_oos", "fit_best_pass", "fit_passes_run",
@@ -148,3 +148,11 @@ def per_method(table: pd.DataFrame) -> pd.DataFrame:
             item[f"{col}_mcse"] = float(r[(col, "std")] / math.sqrt(max(r[(col, "count")], 1)))
         rows.append(item)
     return pd.DataFrame(rows)
+
+
+def capped_fits(table: pd.DataFrame) -> dict[str, int]:
+    """Per method, the fits that ran to the end of their budget before early stopping fired
+    (``fit_hit_cap`` = 1; none when the table has no such column)."""
+    if "fit_hit_cap" not in table:
+        return {}
+    return {str(m): int(k) for m, k in table[table["fit_hit_cap"] == 1].groupby("method").size().items()}
