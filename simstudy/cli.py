@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
 import sys
 import warnings
 from pathlib import Path
+
+from .cli_inputs import out_problem, positive, positive_or_all, scheduler_problem, target, write_failed
 
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-SCHEDULER_TIMEOUT = 3.0  # seconds to wait for a dask scheduler before saying it is unreachable
-_ADDRESS = re.compile(r"^(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):([0-9]+)/?$")
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as the engine raises it (simstudy.engine.crashes)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -33,74 +32,21 @@ class _OneLineParser(argparse.ArgumentParser):
                   if " " in self.prog else f"simstudy: error: {message}; see 'simstudy --help'\n")
 
 
-def _positive_or_all(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--n-jobs={text!r} is invalid; allowed: an integer >= 1 or -1") from None
-    if v < 1 and v != -1:
-        raise argparse.ArgumentTypeError(f"--n-jobs={text!r} is invalid; allowed: an integer >= 1 or -1")
-    return v
+def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
+    """The ``simstudy`` argument parser.
 
+    ``describe_default=False`` builds it without importing the study registry (and with it torch and the
+    domain): ``--version``, ``--help`` and every command but ``run`` need no plugin to parse, so they start fast.
+    """
+    default_text = "(see 'simstudy list')"
+    if describe_default:
+        from .studies import spec
 
-def _positive(text: str) -> int:
-    from .studies.tables import MAX_REPLICATES
-
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if not 1 <= v <= MAX_REPLICATES:
-        raise argparse.ArgumentTypeError(f"--replicates={text!r} is invalid; allowed: an integer >= 1 and <= {MAX_REPLICATES}")
-    return v
-
-
-def _scheduler_problem(address: str, label: str, *, connect: bool = True) -> str | None:
-    """None when ``address`` is a well-formed dask scheduler address that accepts a connection within
-    :data:`SCHEDULER_TIMEOUT` seconds; else the one-line reason."""
-    m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
-    if m is None or not 1 <= int(m.group(3)) <= 65535:
-        return (f"{label}={address!r} is not a scheduler address; allowed: tcp://HOST:PORT (PORT in 1..65535), "
-                "e.g. tcp://127.0.0.1:8786")
-    if not connect or (m.group(1) or "tcp") not in ("tcp", "tls", "ws", "wss"):
-        return None
-    host, port = m.group(2).strip("[]"), int(m.group(3))
-    try:
-        socket.create_connection((host, port), timeout=SCHEDULER_TIMEOUT).close()
-    except OSError as exc:
-        return (f"{label}={address!r} is unreachable ({type(exc).__name__}: {exc.strerror or exc} within "
-                f"{SCHEDULER_TIMEOUT:g} s); allowed: the address of a running dask scheduler")
-    return None
-
-
-def _out_problem(out: Path, label: str) -> str | None:
-    """None when ``out`` is (or can be created as) a writable directory; else the one-line reason."""
-    text = str(out)
-    if out.exists():
-        if not out.is_dir():
-            return f"{label}={text!r} is an existing file; allowed: a directory (existing or new)"
-        if not os.access(out, os.W_OK | os.X_OK):
-            return f"{label}={text!r} is not writable; allowed: a directory you can write to"
-        return None
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{label}={text!r} lies under the file {str(parent)!r}; allowed: a directory path"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{label}={text!r} cannot be created: {str(parent)!r} is not writable; allowed: a writable path"
-    return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``simstudy`` argument parser."""
-    from .studies import spec
-
-    spec.load_plugins()
-    default = spec.STUDIES.get(spec.DEFAULT_STUDY)
-    DEFAULT_STUDY = spec.DEFAULT_STUDY
-    default_text = (f"{DEFAULT_STUDY!r} ({default.description}) into {default.out or 'results/' + DEFAULT_STUDY}/"
-                    if default is not None else repr(DEFAULT_STUDY))
+        spec.load_plugins()
+        default = spec.STUDIES.get(spec.DEFAULT_STUDY)
+        default_text = (f"{spec.DEFAULT_STUDY!r} ({default.description}) into "
+                        f"{default.out or 'results/' + spec.DEFAULT_STUDY}/" if default is not None
+                        else repr(spec.DEFAULT_STUDY))
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -113,22 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run or resume a study",
                        description="Run (or resume) a study declared in a TOML file or built in. Without STUDY "
                                    f"it runs the built-in default study {default_text}. The output directory is "
-                                   "also the study's store: running the same command again resumes it.")
+                                   "also the study's store: running the same command again resumes it. A study "
+                                   "file is code, like a Python script: its function paths are imported and "
+                                   "called, so run only files you trust. The current directory is not on the "
+                                   "import path; put your own modules' folder on PYTHONPATH.")
     r.add_argument("study", nargs="?", default=None, help="TOML study file, or a built-in study name (simstudy list)")
     r.add_argument("--out", default=None, help="output and store directory (default: [run] out, or results/NAME)")
-    r.add_argument("--n-jobs", type=_positive_or_all, default=None, help="worker processes (-1: all CPUs)")
+    r.add_argument("--n-jobs", type=positive_or_all, default=None, help="worker processes (-1: all CPUs)")
     r.add_argument("--backend", choices=["loky", "dask"], default=None, help="execution backend")
     r.add_argument("--scheduler", default=None, help="dask scheduler address (default: a LocalCluster)")
-    r.add_argument("--replicates", type=_positive, default=None, help="override the file's replicates")
+    r.add_argument("--replicates", type=positive, default=None, help="override the file's replicates")
     r.add_argument("--set", action="extend", nargs="+", default=[], metavar="TABLE.KEY=VALUE", dest="overrides",
                    help="override a key of the study file's tables (a TOML value, or a plain string), e.g. "
                         "dgm.teacher_law=gaussian design.sigma=[0.3,0.6]")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--repair", action="store_true",
+                   help="move damaged store files to OUT/damaged/ and recompute exactly their rows (without it, "
+                        "damage stops the run with one line naming the file)")
     for name, text in (("summarize", "print and write summary.csv of a results directory"),
                        ("plot", "write figures/*.png of a results directory"),
                        ("report", "write report.md (and figures) of a results directory")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
+        s.add_argument("--out", default=None, help="write there instead of into DIR (e.g. DIR is read-only)")
+        if name == "summarize":
+            s.add_argument("--measures", nargs="+", default=[], metavar="NAME=MODULE:FUNCTION[@MCSE]",
+                           help="add measures of your own without recomputing a replicate; MCSE: jackknife "
+                                "(default), bootstrap or MODULE:FUNCTION (simstudy.engine.user_measures)")
     sub.add_parser("list", help="list study kinds, built-in studies, DGMs, methods, equations")
     c = sub.add_parser("check", help="run the paper checks of DESIGN §6 (one verdict line each)",
                        description="Run paper checks: each states a claim, runs a study and decides with a rule "
@@ -140,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override check parameters (vocab_size, latent_dim, teacher, seed, replicates, ...); "
                         "several after one --set or one per --set")
-    c.add_argument("--n-jobs", type=_positive_or_all, default=1, help="worker processes")
+    c.add_argument("--n-jobs", type=positive_or_all, default=1, help="worker processes")
     c.add_argument("--page", default=None, help="also write the results page (e.g. paper_checks/RESULTS.md)")
     c.add_argument("--page-only", action="store_true",
                    help="write the results page from the NAME.json files already in --out, running nothing")
@@ -157,6 +114,7 @@ def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool =
     from .engine.storage import atomic_write_text
 
     summary = res.summary()
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     rates = res.rates() if len(res.table) else []
     figures = res.plot(out / "figures") if (write_figures and len(res.table)) else []
@@ -165,16 +123,16 @@ def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool =
 
 
 def _cmd_run(args) -> int:
-    from .engine import StoreBusyError, StoreMismatchError
-    from .engine.report import format_summary
+    from .engine import StoreBusyError, StoreDamagedError, StoreMismatchError
+    from .engine.report import format_failures, format_summary
     from .studies.spec import SpecError, load_study_file
 
     # the command line first (cheap), then the study file, then what the file adds: nothing runs before all hold
     if args.scheduler is not None and args.backend not in (None, "dask"):
         return _fail(f"--scheduler={args.scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
-    if args.out is not None and (problem := _out_problem(Path(args.out), "--out")):
+    if args.out is not None and (problem := out_problem(Path(args.out), "--out")):
         return _fail(problem)
-    if args.scheduler is not None and (problem := _scheduler_problem(args.scheduler, "--scheduler", connect=False)):
+    if args.scheduler is not None and (problem := scheduler_problem(args.scheduler, "--scheduler", connect=False)):
         return _fail(problem)
     try:
         sf, study, default_out = load_study_file(args.study, replicates=args.replicates, overrides=args.overrides)
@@ -185,29 +143,41 @@ def _cmd_run(args) -> int:
     scheduler = args.scheduler or sf.run.get("scheduler")
     if scheduler is not None and backend != "dask":
         return _fail(f"--scheduler={scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
-    if args.out is None and (problem := _out_problem(out, "run.out" if sf.run.get("out") else "output folder")):
+    if args.out is None and (problem := out_problem(out, "run.out" if sf.run.get("out") else "output folder")):
         return _fail(problem)
     label = "--scheduler" if args.scheduler is not None else "run.scheduler"
-    if scheduler is not None and (problem := _scheduler_problem(scheduler, label)):
+    if scheduler is not None and (problem := scheduler_problem(scheduler, label)):
         return _fail(problem)
     n_jobs = args.n_jobs or sf.run.get("n_jobs")
     progress = False if args.no_progress else None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*interrupted", category=RuntimeWarning)  # said below
-            res = study.run(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=out, progress=progress)
-    except (StoreMismatchError, StoreBusyError) as exc:
+            res = study.run(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=out, progress=progress,
+                            repair=args.repair)
+    except (StoreMismatchError, StoreBusyError, StoreDamagedError, PermissionError) as exc:  # one line each
         return _fail(str(exc))
     except KeyboardInterrupt:  # interrupted outside the replicate loop (setup, consolidation)
         print(f"simstudy: interrupted; finished rows are kept in {out}/ (run again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as exc:  # SIGTERM (the engine stops its workers and keeps what finished)
+        if exc.code != EXIT_TERMINATED:
+            raise
+        print(f"simstudy: terminated (SIGTERM); finished rows are kept in {out}/ (run the same command again to "
+              "resume)", file=sys.stderr)
+        return EXIT_TERMINATED
     if res.interrupted:
         print(f"simstudy: interrupted after {len(res.table)} of {res.expected_rows} rows; they are kept in {out}/ "
               "(run the same command again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    o = _outputs(res, out)
+    try:
+        o = _outputs(res, out)
+    except OSError as exc:
+        return _fail(write_failed(out, exc))
     print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
           f"{study.replicates} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
+    for line in format_failures(res):
+        print(line)
     summary = o["summary"]
     headline = res.options.get("headline")
     if headline:  # the study names its headline metrics; the full table is in summary.csv and report.md
@@ -231,16 +201,42 @@ def _cmd_summarize(args) -> int:
 
     try:
         res = _load(args.dir)
-    except ValueError as exc:
+    except ValueError as exc:  # also a damaged store file: one line naming it
         return _fail(str(exc))
-    summary = res.summary()
-    atomic_write_text(Path(args.dir) / "summary.csv", summary.to_csv(index=False))
+    out, problem = target(args)
+    if problem and args.out is not None:
+        return _fail(problem)
+    try:
+        summary = res.summary(measures=_measures_option(args.measures))
+    except ValueError as exc:  # a bad --measures item: one line
+        return _fail(str(exc).splitlines()[0])
     print(f"Study {res.name!r}: {len(res.table)} of {res.expected_rows} rows"
           + ("" if res.complete else " (incomplete)") + f"; failures: {int((res.table['status'] != 'ok').sum())}")
     print(format_summary(summary))
     for r in res.rates() if len(res.table) else []:
         print(r.summary())
+    if problem:  # a read-only store is read all the same; only summary.csv is not written
+        print(f"simstudy: note: summary.csv not written: {problem}", file=sys.stderr)
+        return 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    except OSError as exc:
+        return _fail(write_failed(out, exc))
     return 0
+
+
+def _measures_option(items: list[str]) -> dict:
+    """``--measures NAME=MODULE:FUNCTION[@MCSE]`` as the study file's ``[summary.measures.NAME]`` tables."""
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--measures {item!r} is invalid; allowed: NAME=MODULE:FUNCTION[@jackknife|@bootstrap|"
+                             "@MODULE:FUNCTION]")
+        function, _, mcse = spec.partition("@")
+        out[name] = {"function": function, "mcse": mcse or "jackknife"}
+    return out
 
 
 def _cmd_plot(args) -> int:
@@ -250,7 +246,13 @@ def _cmd_plot(args) -> int:
         return _fail(str(exc))
     if not len(res.table):
         return _fail(f"dir={args.dir!r} holds no finished rows; allowed: a directory with results")
-    figs = res.plot(Path(args.dir) / "figures")
+    out, problem = target(args)
+    if problem:
+        return _fail(problem)
+    try:
+        figs = res.plot(out / "figures")
+    except OSError as exc:
+        return _fail(write_failed(out, exc))
     for title, path in figs:
         print(f"{path}  ({title})")
     return 0
@@ -261,7 +263,13 @@ def _cmd_report(args) -> int:
         res = _load(args.dir)
     except ValueError as exc:
         return _fail(str(exc))
-    o = _outputs(res, Path(args.dir), write_figures=bool(len(res.table)))
+    out, problem = target(args)
+    if problem:
+        return _fail(problem)
+    try:
+        o = _outputs(res, out, write_figures=bool(len(res.table)))
+    except OSError as exc:
+        return _fail(write_failed(out, exc))
     print(o["report"])
     return 0
 
@@ -303,7 +311,9 @@ def _cmd_check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``simstudy`` console script; returns the exit status."""
     os.environ.setdefault("MPLBACKEND", "Agg")
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(describe_default=command == "run")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or one-line usage error (2)
@@ -313,5 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
+def _drop_implicit_path() -> None:
+    """``python -m simstudy.cli`` puts the current directory first on ``sys.path``; a study file naming
+    ``evil:f`` would then import ``evil.py`` from wherever the user stands. Drop that implicit entry (an explicit
+    ``PYTHONPATH=.`` stays): the console script never has it."""
+    explicit = {os.path.abspath(d) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d}
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()) and os.getcwd() not in explicit:
+        del sys.path[0]
+
+
 if __name__ == "__main__":
+    _drop_implicit_path()
     sys.exit(main())

@@ -36,7 +36,8 @@ def test_issue_snippet_runs_as_written_and_is_bitwise_equal_for_n_jobs_1_and_2()
     summ = res.summary()
     assert list(summ.columns) == ["condition", "n", "p", "method", "estimand", "measure", "value", "mcse",
                                   "n_used", "failures"]
-    assert set(summ["measure"]) == {"mean", "bias", "empse", "mse", "rmse", "coverage", "be_coverage", "modse",
+    assert set(summ["measure"]) == {"mean", "bias", "relbias", "median_bias", "empse", "mse", "rmse", "mae",
+                                    "coverage", "be_coverage", "miss_below", "miss_above", "ci_width", "modse",
                                     "relerr_modse"}
     # Wald at n=50, p=0.5 is close to nominal; at n=20, p=0.1 it under-covers (a classic result)
     cov = summ[summ["measure"] == "coverage"].set_index(["n", "p"])

@@ -228,3 +228,24 @@ def returns_reserved(x, cond):
 def test_a_method_may_not_return_the_engine_warning_columns():
     t = Study({"n": [3]}, gen, {"r": returns_reserved}, replicates=1, seed=1).run().table
     assert t["status"].iloc[0] == "error" and "warnings" in t["message"].iloc[0]
+
+
+# -- the terminal's failure lines ------------------------------------------------------------------------------
+def test_format_failures_counts_by_method_and_status_and_lists_the_commonest_messages():
+    from simstudy.engine.report import format_failures
+
+    def flaky(x, cond):
+        if x[0] > 0.5:
+            raise KeyError("no estimate")
+        return {"estimate": float(x.mean())}
+
+    study = Study({"n": [5]}, gen, {"m": mean_method, "flaky": flaky}, truth=lambda c: {"estimate": 0.0},
+                  replicates=30, seed=SEED)
+    res = study.run()
+    n_bad = sum(study.rng(0, r).normal(size=5)[0] > 0.5 for r in range(30))
+    assert 0 < n_bad < 30
+    lines = format_failures(res)
+    assert lines[0] == f"failed rows: flaky error {n_bad}"
+    assert lines[1].startswith(f"  {n_bad} x flaky: KeyError: 'no estimate'")
+    ok = Study({"n": [5]}, gen, {"m": mean_method}, replicates=3, seed=SEED).run()
+    assert format_failures(ok) == []

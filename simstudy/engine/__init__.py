@@ -18,15 +18,17 @@ hash), :mod:`.performance` (measures with MCSE), :mod:`.rates` (WLS rates),
 :mod:`.result` (StudyResult), :mod:`.plots`, :mod:`.report`.
 """
 from .design import conditions_frame, expand_design
-from .errors import Diverged, FitFailure, StoreBusyError, StoreMismatchError
-from .performance import MEASURES, Measure, summarise
+from .errors import (Diverged, FitFailure, StoreBusyError, StoreDamagedError, StoreMismatchError, StoreReadOnlyError,
+                     TruthError)
+from .performance import MEASURES, Measure, UserMeasure, summarise
 from .rates import RateResult, fit_rate
 from .result import StudyResult
 from .seeds import method_rng, replicate_rng, replicate_seed_sequence, torch_seed
 from .study import Study
 
 __all__ = [
-    "Study", "StudyResult", "RateResult", "FitFailure", "Diverged", "StoreMismatchError", "StoreBusyError",
-    "Measure", "MEASURES", "summarise", "fit_rate", "expand_design", "conditions_frame", "replicate_rng",
+    "Study", "StudyResult", "RateResult", "FitFailure", "Diverged", "StoreMismatchError", "StoreBusyError", "TruthError",
+    "StoreDamagedError", "StoreReadOnlyError",
+    "Measure", "MEASURES", "UserMeasure", "summarise", "fit_rate", "expand_design", "conditions_frame", "replicate_rng",
     "replicate_seed_sequence", "method_rng", "torch_seed",
 ]

@@ -11,7 +11,9 @@ Chunks are sized adaptively: the first chunks hold one replicate, later ones
 as many as take about ``target_seconds`` (default 0.5 s) by the running mean
 duration, so fast replicates do not drown in dispatch overhead while slow ones
 are returned (and stored) one by one. At most ``2 x workers`` chunks are in
-flight, so Ctrl-C loses at most the chunks running at that moment.
+flight, so Ctrl-C (or SIGTERM) loses at most the chunks running at that moment.
+A replicate that kills its worker is traced and recorded as ``"crashed"``,
+and workers whose parent has died end themselves (:mod:`simstudy.engine.crashes`).
 
 Dask: ``backend="dask"`` connects to ``scheduler`` or starts a LocalCluster
 (processes, one thread each) for the run. A script that starts a
@@ -32,8 +34,9 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 
+from .crashes import Crashed, Pool, drive, loky_detail, terminate_as_exit, watch_parent
 from .worker import run_batch
 
 __all__ = ["execute"]
@@ -72,6 +75,10 @@ def _run_chunk(key: str, blob: bytes, items: Sequence[tuple], sys_path: Sequence
     t0 = time.perf_counter()
     rows = run_batch(payload, items)
     return rows, time.perf_counter() - t0
+
+
+def _same(payload):
+    return payload
 
 
 def _run_chunk_dask(payload, items: Sequence[tuple]) -> tuple[list, float]:
@@ -139,20 +146,31 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
     KeyboardInterrupt
         Propagated after the workers have been stopped; every chunk that had
         finished is reported through ``on_rows`` first.
+    SystemExit
+        Status 143 on SIGTERM (where its action is the default), after the
+        same clean-up as for Ctrl-C.
+
+    Notes
+    -----
+    A replicate that kills its worker is recorded ``"crashed"`` and the run
+    goes on (:mod:`simstudy.engine.crashes`). With one worker the replicates
+    run in this process, so such a replicate ends the process itself; the
+    rows stored before it are kept, but a re-run reaches it again: use two or more workers.
     """
 
-    if backend == "dask":
-        _execute_dask(payload, items, n_jobs=n_jobs, scheduler=scheduler, batch_size=batch_size,
-                      on_rows=on_rows, on_items=on_items, target_seconds=target_seconds)
-        return
-    workers = _cpu_count() if n_jobs == -1 else (n_jobs or 1)
-    if workers == 1:
-        for item in items:
-            on_rows(run_batch(payload, [item]))
-            on_items(1)
-        return
-    _execute_loky(payload, items, workers=workers, batch_size=batch_size, on_rows=on_rows, on_items=on_items,
-                  target_seconds=target_seconds)
+    with terminate_as_exit():
+        if backend == "dask":
+            _execute_dask(payload, items, n_jobs=n_jobs, scheduler=scheduler, batch_size=batch_size,
+                          on_rows=on_rows, on_items=on_items, target_seconds=target_seconds)
+            return
+        workers = _cpu_count() if n_jobs == -1 else (n_jobs or 1)
+        if workers == 1:  # in this process: a replicate that kills its process ends the run (kept rows resume)
+            for item in items:
+                on_rows(run_batch(payload, [item]))
+                on_items(1)
+            return
+        _execute_loky(payload, items, workers=workers, batch_size=batch_size, on_rows=on_rows, on_items=on_items,
+                      target_seconds=target_seconds)
 
 
 def _cloudpickle():
@@ -174,100 +192,127 @@ _WORKER_IDLE_TIMEOUT = 120
 
 def _ignore_interrupts() -> None:
     """Worker initializer: Ctrl-C in a terminal signals the whole process group, workers included; the parent
-    alone handles it (keeps what finished, stops the workers), so a worker never dies of it mid-wait."""
+    alone handles it (keeps what finished, stops the workers), so a worker never dies of it mid-wait. A worker
+    also ends itself once its parent is gone (:func:`simstudy.engine.crashes.watch_parent`)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent()
+
+
+class _LokyPool(Pool):
+    """loky's reusable executor; a dying worker breaks it (every future in flight fails), then a fresh one."""
+
+    breaks_all = True
+
+    def __init__(self, payload, workers: int):
+        cloudpickle = _cloudpickle()
+        import sys
+
+        self.blob = cloudpickle.dumps(payload)
+        self.key = hashlib.sha256(self.blob).hexdigest()
+        self.sys_path = list(sys.path)
+        self.workers = workers
+        self.executor, self.size = None, 0
+
+    def renew(self) -> None:
+        self.executor = None  # started by the next submit, at the size it needs
+        self.generation += 1
+
+    def _executor(self, size: int):
+        from joblib.externals.loky import get_reusable_executor
+
+        if self.executor is None or size != self.size:  # a broken executor is replaced, a healthy one resized
+            self.executor = get_reusable_executor(max_workers=size, env=_WORKER_ENV, timeout=_WORKER_IDLE_TIMEOUT,
+                                                  initializer=_ignore_interrupts)
+            self.size = size
+        return self.executor
+
+    def submit(self, items: list, alone: bool = False):
+        from joblib.externals.loky.process_executor import BrokenProcessPool
+
+        size = 1 if alone else self.workers  # one worker starts faster than many, after each crash
+        try:
+            return self._executor(size).submit(_run_chunk, self.key, self.blob, items, self.sys_path)
+        except BrokenProcessPool:  # broken since the last look: its futures say so; this task goes to a new pool
+            self.renew()
+            return self._executor(size).submit(_run_chunk, self.key, self.blob, items, self.sys_path)
+
+    def wait(self, futures: list, first: bool = True) -> set:
+        return wait(futures, return_when=FIRST_COMPLETED if first else ALL_COMPLETED)[0]
+
+    def outcome(self, fut) -> tuple[list, float]:
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+        try:
+            return fut.result()
+        except TerminatedWorkerError as exc:
+            raise Crashed(loky_detail(exc)) from None
+
+    def abort(self, futures: list) -> None:
+        for fut in futures:
+            fut.cancel()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, kill_workers=True)
 
 
 def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds) -> None:
-    from joblib.externals.loky import get_reusable_executor
-
     warnings.filterwarnings("ignore", message=_LOKY_IDLE_WORKER, category=UserWarning)
+    drive(_LokyPool(payload, workers), payload, _Chunker(items, target_seconds, batch_size), workers, on_rows,
+          on_items)
 
-    cloudpickle = _cloudpickle()
-    import sys
 
-    blob = cloudpickle.dumps(payload)
-    key = hashlib.sha256(blob).hexdigest()
-    sys_path = list(sys.path)
-    executor = get_reusable_executor(max_workers=workers, env=_WORKER_ENV, timeout=_WORKER_IDLE_TIMEOUT,
-                                     initializer=_ignore_interrupts)
-    chunker = _Chunker(items, target_seconds, batch_size)
-    pending: dict = {}
+class _DaskPool(Pool):
+    """A dask.distributed client; its nannies restart dead workers, the scheduler reports KilledWorker."""
 
-    def fill() -> None:
-        while len(pending) < 2 * workers:
-            chunk = chunker.next()
-            if chunk is None:
-                return
-            pending[executor.submit(_run_chunk, key, blob, chunk, sys_path)] = len(chunk)
+    def __init__(self, client, payload):
+        self.client = client
+        # A task, not scattered data: the scheduler can compute it again when every worker holding it has died.
+        self.remote = client.submit(_same, payload, pure=False)
 
-    def harvest(futures) -> None:
-        for fut in futures:
-            n = pending.pop(fut)
-            rows, seconds = fut.result()
-            chunker.update(n, seconds)
-            on_rows(rows)
-            on_items(n)
+    def submit(self, items: list, alone: bool = False):
+        return self.client.submit(_run_chunk_dask, self.remote, items, pure=False)
 
-    try:
-        fill()
-        while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            harvest(done)
-            fill()
-    except BaseException:
-        # Keep what finished (Ctrl-C), then stop the workers without waiting for running chunks.
-        finished = [f for f in pending if f.done() and not f.cancelled() and f.exception() is None]
+    def wait(self, futures: list, first: bool = True) -> set:
+        from distributed import wait as dask_wait
+
+        return set(dask_wait(futures, return_when="FIRST_COMPLETED" if first else "ALL_COMPLETED").done)
+
+    def outcome(self, fut) -> tuple[list, float]:
+        from distributed import KilledWorker
+
         try:
-            harvest(finished)
-        finally:
-            for fut in pending:
-                fut.cancel()
-            executor.shutdown(wait=False, kill_workers=True)
-        raise
+            return fut.result()
+        except KilledWorker:
+            raise Crashed("dask reported KilledWorker") from None
+
+    def release(self, fut) -> None:
+        fut.release()
+
+    def abort(self, futures: list) -> None:
+        self.client.cancel(futures)
 
 
 def _execute_dask(payload, items, *, n_jobs, scheduler, batch_size, on_rows, on_items, target_seconds) -> None:
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - optional dependency
         raise ValueError("backend='dask' is unavailable: install the 'dist' extra (dask, distributed)") from exc
 
     cluster = None
     if scheduler is None:
         workers = _cpu_count() if n_jobs == -1 else (n_jobs or 2)
+        # allowed_failures=0: a task whose worker dies fails at once; drive() finds the replicate that killed it
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR, env=dict(_WORKER_ENV))
+                               silence_logs=logging.ERROR, env=dict(_WORKER_ENV),
+                               scheduler_kwargs={"allowed_failures": 0})
         client = Client(cluster)
     else:
         client = Client(scheduler)
-    pending: dict = {}
     try:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
-        [remote] = client.scatter([payload], broadcast=True, hash=False)
-        chunker = _Chunker(items, target_seconds, batch_size)
-        stream = as_completed()
-
-        def fill() -> None:
-            while len(pending) < 2 * workers:
-                chunk = chunker.next()
-                if chunk is None:
-                    return
-                fut = client.submit(_run_chunk_dask, remote, chunk, pure=False)
-                pending[fut.key] = len(chunk)
-                stream.add(fut)
-
-        fill()
-        for fut in stream:
-            n = pending.pop(fut.key)
-            rows, seconds = fut.result()
-            chunker.update(n, seconds)
-            on_rows(rows)
-            on_items(n)
-            fut.release()
-            fill()
+        drive(_DaskPool(client, payload), payload, _Chunker(items, target_seconds, batch_size), workers, on_rows,
+              on_items)
     finally:
         client.close()
         if cluster is not None:

@@ -8,7 +8,8 @@ so domain code need not import the engine to report a typed failure.
 """
 from __future__ import annotations
 
-__all__ = ["FitFailure", "Diverged", "StoreMismatchError", "StoreBusyError"]
+__all__ = ["FitFailure", "Diverged", "StoreMismatchError", "StoreBusyError", "TruthError", "StoreDamagedError",
+           "StoreReadOnlyError"]
 
 
 class FitFailure(Exception):
@@ -49,3 +50,25 @@ class StoreMismatchError(ValueError):
 
 class StoreBusyError(RuntimeError):
     """Another process is writing to the same store directory."""
+
+
+class TruthError(ValueError):
+    """The study's ``truth`` function raised or returned a non-number; one line naming the condition."""
+
+
+class StoreDamagedError(ValueError):
+    """A file of the store is truncated, empty or garbled (DESIGN §7: nothing stored is lost).
+
+    The message is one line naming the file and what to do (``--repair``, or ``Study.run(...,
+    repair=True)``, which moves the file to ``DIR/damaged/`` and recomputes exactly the missing rows);
+    ``file`` is the damaged file's path, ``reason`` what is wrong with it.
+    """
+
+    def __init__(self, message: str, *, file=None, reason: str = ""):
+        super().__init__(message)
+        self.file = file
+        self.reason = reason
+
+
+class StoreReadOnlyError(PermissionError):
+    """The store folder cannot be written and the command needs to write there; one line naming the folder."""

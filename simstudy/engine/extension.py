@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from .errors import StoreDamagedError
 from .storage import KEY, MANIFEST, Store, read_manifest, read_rows
 
 __all__ = ["import_other_counts", "smaller_versions"]
@@ -38,7 +39,7 @@ def import_other_counts(st: Store, replicates: int, hash_at: Callable[[int], str
     ``hash_at(its count)``. Its rows with ``replicate < replicates`` are copied into one chunk
     and the source is recorded in the manifest under ``"imported"``.
     """
-    if st.manifest.get("complete") or len(st.rows()):
+    if st.read_only or st.manifest.get("complete") or len(st.rows()):
         return
     imported, seen = [], set()  # seen: keys copied so far (two siblings may overlap: the first wins)
     for other in sorted(st.path.parent.glob(f"*/{MANIFEST}")):
@@ -52,7 +53,10 @@ def import_other_counts(st: Store, replicates: int, hash_at: Callable[[int], str
             continue
         if count == replicates or old.get("config_hash") != hash_at(count):
             continue
-        rows = read_rows(folder)
+        try:
+            rows = read_rows(folder)
+        except StoreDamagedError:  # a damaged sibling is its own business: its rows are not copied
+            continue
         rows = rows[rows["replicate"].astype(int) < replicates]
         keys = list(zip(*(rows[k] for k in KEY)))
         rows = rows[[k not in seen for k in keys]]

@@ -1,204 +1,34 @@
-"""Performance measures with Monte Carlo standard errors (DESIGN §7).
-
-Formulas of Morris, White and Crowther (2019), "Using simulation studies to
-evaluate statistical methods", Statistics in Medicine 38:2074-2102, Table 6.
-With n successful replicates, estimates t_i of a true value theta, model
-standard errors s_i and interval limits (l_i, u_i):
-
-=====================  ==============================================  ==========================================================
-measure                estimate                                        Monte Carlo SE
-=====================  ==============================================  ==========================================================
-mean                   tbar = sum t_i / n                              sqrt(sum (t_i - tbar)^2 / (n (n-1)))
-bias                   tbar - theta                                    same as mean
-empse                  sqrt(sum (t_i - tbar)^2 / (n-1))                empse / sqrt(2 (n-1))
-mse                    sum (t_i - theta)^2 / n                         sqrt(sum ((t_i - theta)^2 - mse)^2 / (n (n-1)))
-rmse                   sqrt(mse)                                       mcse(mse) / (2 rmse)  (delta method)
-coverage               sum 1(l_i <= theta <= u_i) / n                  sqrt(cov (1 - cov) / n)
-be_coverage            sum 1(l_i <= tbar <= u_i) / n                   sqrt(cov (1 - cov) / n)
-modse                  sqrt(sum s_i^2 / n)                             sqrt(V / (4 n modse^2)),  V = sum (s_i^2 - mean s^2)^2 / (n-1)
-relerr_modse           modse / empse - 1 (fraction; x100 = Morris %)   (modse/empse) sqrt(V / (4 n modse^4) + 1 / (2 (n-1)))
-rel_efficiency         (empse_ref / empse)^2 over paired replicates    2 ratio sqrt((1 - rho^2) / (n-1)),  rho = corr(t_ref, t)
-power                  sum 1(p_i <= alpha) / n                         sqrt(power (1 - power) / n)
-=====================  ==============================================  ==========================================================
-
-``rel_efficiency`` is Morris's "relative % increase in precision" written as
-a ratio (ratio - 1 = the % increase / 100): above 1 the method is more
-precise than the reference.
+"""Performance summaries: every built-in measure (:mod:`simstudy.engine.measures`, with the formulas of
+Morris, White and Crowther 2019) and your own (:mod:`simstudy.engine.user_measures`) over each condition x
+method x estimand cell of a results table, as one tidy frame with MCSEs (DESIGN §7).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from .measures import (MEASURES, Measure, be_coverage, bias, ci_width, coverage, empse, mae, mean,
+                       median_bias, miss_above, miss_below, modse, mse, power, rel_efficiency, relbias, relerr_modse,
+                       rmse)
 from .tidy import companion_columns
+from .user_measures import UserMeasure, cells, check_columns, check_measures
 
-__all__ = ["Measure", "mean", "bias", "empse", "mse", "rmse", "coverage", "be_coverage", "modse",
-           "relerr_modse", "rel_efficiency", "power", "summarise", "MEASURES"]
-
-#: Measure names in the order summaries list them.
-MEASURES = ("mean", "bias", "empse", "mse", "rmse", "coverage", "be_coverage", "modse", "relerr_modse",
-            "rel_efficiency", "power")
-
-NAN = math.nan
+__all__ = ["Measure", "UserMeasure", "mean", "bias", "relbias", "median_bias", "empse", "mse", "rmse", "mae",
+           "coverage", "be_coverage", "miss_below", "miss_above", "ci_width", "modse", "relerr_modse",
+           "rel_efficiency", "power", "summarise", "user_measures", "MEASURES"]
 
 
-class Measure(NamedTuple):
-    """A performance measure and its Monte Carlo standard error."""
-
-    value: float
-    mcse: float
-
-
-def _arr(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).ravel()
-
-
-def mean(estimates) -> Measure:
-    """Mean of a quantity with MCSE sd / sqrt(n)."""
-    t = _arr(estimates)
-    n = t.size
-    if n == 0:
-        return Measure(NAN, NAN)
-    m = float(t.mean())
-    if n < 2 or not np.isfinite(m):
-        return Measure(m, NAN)
-    return Measure(m, float(np.sqrt(np.sum((t - m) ** 2) / (n * (n - 1)))))
-
-
-def bias(estimates, truth: float) -> Measure:
-    """Bias ``tbar - theta`` with MCSE ``sqrt(sum (t - tbar)^2 / (n (n-1)))``."""
-    m = mean(estimates)
-    return Measure(m.value - float(truth), m.mcse)
-
-
-def empse(estimates) -> Measure:
-    """Empirical standard error with MCSE ``empse / sqrt(2 (n-1))``."""
-    t = _arr(estimates)
-    n = t.size
-    if n < 2:
-        return Measure(NAN, NAN)
-    e = float(np.std(t, ddof=1))
-    return Measure(e, e / math.sqrt(2 * (n - 1)))
-
-
-def mse(estimates, truth: float) -> Measure:
-    """Mean squared error with MCSE ``sqrt(sum ((t-theta)^2 - mse)^2 / (n (n-1)))``."""
-    t = _arr(estimates)
-    n = t.size
-    if n == 0:
-        return Measure(NAN, NAN)
-    sq = (t - float(truth)) ** 2
-    m = float(sq.mean())
-    if n < 2 or not np.isfinite(m):
-        return Measure(m, NAN)
-    return Measure(m, float(np.sqrt(np.sum((sq - m) ** 2) / (n * (n - 1)))))
-
-
-def rmse(estimates, truth: float) -> Measure:
-    """Root MSE with delta-method MCSE ``mcse(mse) / (2 rmse)``."""
-    m = mse(estimates, truth)
-    r = math.sqrt(m.value) if np.isfinite(m.value) else m.value
-    se = m.mcse / (2 * r) if r > 0 else NAN
-    return Measure(r, se)
-
-
-def _proportion(hits: np.ndarray) -> Measure:
-    n = hits.size
-    if n == 0:
-        return Measure(NAN, NAN)
-    p = float(hits.mean())
-    return Measure(p, math.sqrt(p * (1 - p) / n))
-
-
-def coverage(ci_low, ci_high, truth: float) -> Measure:
-    """Coverage ``mean 1(l <= theta <= u)`` with MCSE ``sqrt(cov (1-cov) / n)``."""
-    lo, hi = _arr(ci_low), _arr(ci_high)
-    return _proportion((lo <= truth) & (truth <= hi))
-
-
-def be_coverage(ci_low, ci_high, estimates) -> Measure:
-    """Bias-eliminated coverage: intervals covering the mean estimate tbar."""
-    tbar = float(_arr(estimates).mean()) if _arr(estimates).size else NAN
-    return coverage(ci_low, ci_high, tbar)
-
-
-def modse(se) -> Measure:
-    """Average model SE ``sqrt(mean s^2)`` with MCSE ``sqrt(V / (4 n modse^2))``."""
-    s2 = _arr(se) ** 2
-    n = s2.size
-    if n == 0:
-        return Measure(NAN, NAN)
-    m = math.sqrt(float(s2.mean()))
-    if n < 2 or m == 0 or not np.isfinite(m):
-        return Measure(m, NAN)
-    v = float(np.var(s2, ddof=1))
-    return Measure(m, math.sqrt(v / (4 * n * m**2)))
-
-
-def relerr_modse(se, estimates) -> Measure:
-    """Relative error in model SE ``modse/empse - 1`` (a fraction).
-
-    MCSE ``(modse/empse) sqrt(V / (4 n modse^4) + 1 / (2 (n-1)))`` with
-    V the variance of the squared model SEs (Morris et al. 2019, Table 6).
-    """
-    s2 = _arr(se) ** 2
-    n = s2.size
-    if n < 2:
-        return Measure(NAN, NAN)
-    ms = math.sqrt(float(s2.mean()))
-    es = empse(estimates).value
-    if not (es > 0 and ms > 0 and np.isfinite(ms) and np.isfinite(es)):
-        return Measure(NAN, NAN)
-    v = float(np.var(s2, ddof=1))
-    ratio = ms / es
-    return Measure(ratio - 1, ratio * math.sqrt(v / (4 * n * ms**4) + 1 / (2 * (n - 1))))
-
-
-def rel_efficiency(reference_estimates, estimates) -> Measure:
-    """Relative efficiency ``(empse_ref / empse)^2`` on paired replicates.
-
-    Parameters
-    ----------
-    reference_estimates, estimates : array_like, shape (n,)
-        Estimates of the reference method and of the method, from the same
-        replicates (paired).
-
-    Returns
-    -------
-    Measure
-        Ratio (> 1: more precise than the reference) with MCSE
-        ``2 ratio sqrt((1 - rho^2) / (n - 1))``.
-    """
-    a, b = _arr(reference_estimates), _arr(estimates)
-    if a.size != b.size:
-        raise ValueError(f"reference_estimates has {a.size} values and estimates {b.size}; allowed: paired "
-                         "arrays of equal length")
-    n = a.size
-    if n < 3:
-        return Measure(NAN, NAN)
-    if np.array_equal(a, b):
-        return Measure(1.0, 0.0)
-    va, vb = float(np.var(a, ddof=1)), float(np.var(b, ddof=1))
-    if not (vb > 0 and va > 0):
-        return Measure(NAN, NAN)
-    ratio = va / vb
-    rho = float(np.corrcoef(a, b)[0, 1])
-    return Measure(ratio, 2 * ratio * math.sqrt(max(0.0, 1 - rho**2) / (n - 1)))
-
-
-def power(pvalues, alpha: float = 0.05) -> Measure:
-    """Rejection rate ``mean 1(p <= alpha)`` with MCSE ``sqrt(P (1-P) / n)``."""
-    return _proportion(_arr(pvalues) <= alpha)
+def user_measures(measures: Mapping | None) -> dict[str, UserMeasure]:
+    """Validated user-defined measures, name -> :class:`UserMeasure` (see :mod:`~simstudy.engine.user_measures`)."""
+    return check_measures(measures, reserved=MEASURES)
 
 
 # ------------------------------------------------------------------------------------------------------------
 def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[str],
               truths: Sequence[Mapping[str, float]], reference: str | None = None,
-              alpha: float = 0.05) -> pd.DataFrame:
+              alpha: float = 0.05, measures: Mapping | None = None, seed: int = 0) -> pd.DataFrame:
     """Tidy performance summary of a results table.
 
     Parameters
@@ -216,6 +46,12 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
         replicates where both succeeded).
     alpha : float
         Level for ``power`` (estimands with a p-value column).
+    measures : mapping, optional
+        User-defined measures, name -> spec (:class:`UserMeasure`, function,
+        import path or table; :mod:`simstudy.engine.user_measures`). Their
+        rows follow the built-in ones, with the same columns.
+    seed : int
+        Root seed of the study: keys the streams of bootstrap MCSEs.
 
     Returns
     -------
@@ -232,7 +68,7 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
         a value the measure needs (``n_used + missing`` = the ok rows).
         The ``warnings`` count of the table is not a metric.
     """
-
+    user = user_measures(measures)
     if reference is not None and reference not in methods:
         raise ValueError(f"reference={reference!r} is invalid; allowed: one of {list(methods)}")
     fixed = {"condition", "replicate", "method", "status", "message", "warnings", "warning_message", *factors}
@@ -246,6 +82,8 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
     comp = {e: companion_columns(e, numeric, len(estimands)) for e in estimands}
     helpers = {c for e in estimands for c in comp[e].values()}
     metrics = [c for c in numeric if c not in estimands and c not in helpers]
+    if len(table):
+        check_columns(user, numeric)
     out: list[dict] = []
     for c, ctab in table.groupby("condition", sort=True):
         c = int(c)
@@ -274,9 +112,13 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
                     continue
                 add(e, "mean", mean(t), n)
                 add(e, "bias", bias(t, theta), n)
+                if theta != 0:
+                    add(e, "relbias", relbias(t, theta), n)
+                add(e, "median_bias", median_bias(t, theta), n)
                 add(e, "empse", empse(t), n)
                 add(e, "mse", mse(t, theta), n)
                 add(e, "rmse", rmse(t, theta), n)
+                add(e, "mae", mae(t, theta), n)
                 cc = comp[e]
                 if "ci_low" in cc and "ci_high" in cc:
                     sub = rows[rows[cc["ci_low"]].notna() & rows[cc["ci_high"]].notna()]
@@ -284,6 +126,9 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
                         lo, hi = sub[cc["ci_low"]].to_numpy(np.float64), sub[cc["ci_high"]].to_numpy(np.float64)
                         add(e, "coverage", coverage(lo, hi, theta), len(sub))
                         add(e, "be_coverage", be_coverage(lo, hi, sub[e].to_numpy(np.float64)), len(sub))
+                        add(e, "miss_below", miss_below(lo, theta), len(sub))
+                        add(e, "miss_above", miss_above(hi, theta), len(sub))
+                        add(e, "ci_width", ci_width(lo, hi), len(sub))
                 if "se" in cc:
                     sub = rows[rows[cc["se"]].notna()]
                     if len(sub):
@@ -306,6 +151,9 @@ def summarise(table: pd.DataFrame, *, factors: Sequence[str], methods: Sequence[
                 x = mt[col].dropna().to_numpy(np.float64)
                 if x.size:
                     add(col, "mean", mean(x), x.size)
+            for col, name, value, se, n in cells(user, mt, truths[c], estimands, metrics, seed=seed, condition=c,
+                                                 method=m):
+                add(col, name, Measure(value, se), n)
     columns = ["condition", *factors, "method", "estimand", "measure", "value", "mcse", "n_used", "failures"]
     frame = pd.DataFrame(out, columns=columns + ["missing"])
     note = ("measures use replicates with status 'ok' (column n_used); column failures counts the other rows of "

@@ -14,7 +14,7 @@ from .performance import MEASURES
 from .rates import RateResult
 from .storage import atomic_write_text
 
-__all__ = ["write_report", "summary_wide", "markdown_table", "format_summary"]
+__all__ = ["write_report", "summary_wide", "markdown_table", "format_summary", "format_failures"]
 
 
 def _fmt(v) -> str:
@@ -92,6 +92,24 @@ def format_summary(summary: pd.DataFrame, max_rows: int = 60) -> str:
                            "display.max_colwidth", 40):
         text = wide.to_string(index=False, max_rows=max_rows)
     return text + "\n(cells: value (MCSE); " + summary.attrs.get("note", "") + ")"
+
+
+def format_failures(result, max_messages: int = 3) -> list[str]:
+    """Lines for the terminal: failed rows per method and status, then the most frequent messages with counts
+    (all failures are in ``report.md`` and :meth:`StudyResult.failures`). Empty when nothing failed."""
+    bad = result.table[result.table["status"] != "ok"]
+    if bad.empty:
+        return []
+    counts = result.failure_counts()
+    counts = counts[counts["status"] != "ok"]
+    lines = ["failed rows: " + ", ".join(f"{m} {s} {n}" for m, s, n in counts.itertuples(index=False))]
+    messages = bad.groupby(["method", "message"], sort=False).size().sort_values(ascending=False, kind="mergesort")
+    for (method, message), n in messages.head(max_messages).items():
+        text = str(message).splitlines()[0] if str(message) else ""
+        lines.append(f"  {n} x {method}: {text[:200]}")
+    if len(messages) > max_messages:
+        lines.append(f"  ... {len(messages) - max_messages} other messages (report.md lists the failures)")
+    return lines
 
 
 def _rate_section(rate: RateResult) -> list[str]:

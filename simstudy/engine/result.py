@@ -49,6 +49,8 @@ class StudyResult:
         self.manifest = manifest
         self.timings = timings
         self.interrupted = bool(interrupted)
+        #: Measures of your own given as Python objects (``Study(measures=)``); study-file ones live in options.
+        self.measures: dict = {}
 
     # -- descriptors ---------------------------------------------------------------------------------------
     @property
@@ -90,7 +92,7 @@ class StudyResult:
                 f"methods={self.methods}, failures={int((self.table['status'] != 'ok').sum())})")
 
     # -- statistics ----------------------------------------------------------------------------------------
-    def summary(self, reference: str | None = None, *, alpha: float | None = None) -> pd.DataFrame:
+    def summary(self, reference: str | None = None, *, alpha: float | None = None, measures=None) -> pd.DataFrame:
         """Performance measures with Monte Carlo standard errors.
 
         Parameters
@@ -101,6 +103,9 @@ class StudyResult:
         alpha : float, optional
             Significance level for ``power`` (default: ``options["alpha"]``
             or 0.05).
+        measures : mapping, optional
+            Measures of your own (:mod:`simstudy.engine.user_measures`), added to the study's
+            (``Study(measures=)``, ``[summary.measures]``); a same name replaces.
 
         Returns
         -------
@@ -113,8 +118,10 @@ class StudyResult:
             reference = self.options.get("reference")
         if alpha is None:
             alpha = float(self.options.get("alpha", 0.05))
+        own = {**self.options.get("measures", {}), **self.measures, **(measures or {})}
         return performance.summarise(self.table, factors=self.factors, methods=self.methods, truths=self.truths,
-                                     reference=reference, alpha=alpha)
+                                     reference=reference, alpha=alpha, measures=own,
+                                     seed=int(self.manifest.get("seed") or 0))
 
     def failures(self) -> pd.DataFrame:
         """Rows whose status is not ``"ok"``, with what reproduces them.

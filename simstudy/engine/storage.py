@@ -6,15 +6,23 @@ Layout of a store directory::
     DIR/chunks/part-*.parquet  rows written as replicates finish (each file atomic)
     DIR/replicates.parquet     consolidated table, written when the study completes
     DIR/.lock                  advisory lock (flock) held by the running process
+    DIR/damaged/               damaged files moved aside by ``--repair`` (:mod:`.repair`), kept
 
 Every file is written to a temporary name in the same directory and moved
-into place with :func:`os.replace`, so a ``kill -9`` at any moment leaves
-either the old or the new file, never a torn one. Rows still in memory when
-the process dies are simply recomputed on resume: every replicate is keyed by
-its position (DESIGN §7), so the recomputed rows are bitwise the ones that
-were lost. A row is identified by (condition, replicate, method); resume
-skips the keys already stored, and reading deduplicates on that key (a kill
-between writing ``replicates.parquet`` and deleting the chunks leaves both).
+into place with :func:`os.replace` (:mod:`.atomic`), so a ``kill -9`` at any
+moment leaves either the old or the new file, never a torn one. Rows still
+in memory when the process dies are simply recomputed on resume: every
+replicate is keyed by its position (DESIGN §7), so the recomputed rows are
+bitwise the ones that were lost. A row is identified by (condition,
+replicate, method); resume skips the keys already stored, and reading
+deduplicates on that key (a kill between writing ``replicates.parquet`` and
+deleting the chunks leaves both).
+
+Damage (a truncated, empty or garbled file; parquet pages carry a CRC) is
+found when the file is read and raised as one line naming the file
+(:class:`~.errors.StoreDamagedError`); nothing is changed until a repair is
+asked for. A folder the user cannot write to opens read-only: a finished
+study is read from it, nothing is written (the lock is shared).
 """
 from __future__ import annotations
 
@@ -30,15 +38,21 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import StoreBusyError, StoreMismatchError
+from .atomic import (DIGEST_KEY, atomic_write_bytes, atomic_write_parquet, atomic_write_text, frame_digest,
+                     write_problem)
+from .errors import StoreBusyError, StoreDamagedError, StoreMismatchError, StoreReadOnlyError
 
-__all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "read_rows", "atomic_write_text", "atomic_write_bytes",
-           "atomic_write_parquet", "MANIFEST", "TABLE", "KEY"]
+__all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "read_rows", "read_part", "stored_files",
+           "write_problem", "atomic_write_text", "atomic_write_bytes", "atomic_write_parquet", "MANIFEST", "TABLE",
+           "KEY", "DAMAGED"]
 
 MANIFEST = "manifest.json"
 TABLE = "replicates.parquet"
 CHUNKS = "chunks"
+DAMAGED = "damaged"  # damaged files moved aside by a repair, kept for inspection (see .repair)
 KEY = ["condition", "replicate", "method"]
+ROW_COLUMNS = (*KEY, "status", "message")
+MANIFEST_KEYS = ("conditions", "methods", "replicates")
 
 
 def _canonical(obj: Any) -> str:
@@ -94,46 +108,105 @@ def config_hash(*, conditions: list[dict], methods: Iterable[str], replicates: i
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _reason(exc: BaseException, file: Path | None = None) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if file is not None:  # pyarrow repeats the path, which the message names already
+        text = text.replace(f"Could not open Parquet input source '{file}': ", "").replace(str(file), "the file")
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + os.replace)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + os.replace)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``frame`` to ``path`` as parquet atomically."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def damaged_error(file: Path, why: str) -> StoreDamagedError:
+    """The one-line error for a damaged store file (DESIGN §7: nothing is changed; ``--repair`` recomputes)."""
+    where = f"{str(file.parent.parent if file.parent.name == CHUNKS else file.parent)}/{DAMAGED}/"
+    if file.name == MANIFEST:
+        todo = (f"the rows stored beside it are intact; allowed: run the study again with --repair (Python: "
+                f"Study.run(..., repair=True)): it is moved to {where!r} and rewritten from the study's definition "
+                "once the stored rows are checked to be that study's")
+    else:
+        todo = (f"allowed: run the study again with --repair (Python: Study.run(..., repair=True)): it is moved "
+                f"to {where!r} and exactly its rows are recomputed")
+    return StoreDamagedError(f"store file {str(file)!r} is damaged ({why}); {todo}", file=file, reason=why)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """Read ``DIR/manifest.json``; ValueError with one line if absent or unreadable."""
+    """Read ``DIR/manifest.json``.
+
+    Raises
+    ------
+    ValueError
+        One line, if there is no manifest.
+    StoreDamagedError
+        One line naming the file, if it is not the JSON object a run writes.
+    """
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise ValueError(f"store {str(path)!r} is invalid; allowed: a directory written by a simstudy run "
                          f"(it has no {MANIFEST})")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"store {str(path)!r} is invalid: {MANIFEST} cannot be read ({exc})") from None
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except PermissionError as exc:
+        raise ValueError(f"store file {str(file)!r} cannot be read ({_reason(exc)}); allowed: a readable "
+                         "store") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise damaged_error(file, "empty file" if file.stat().st_size == 0 else _reason(exc)) from None
+    missing = ([k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS))
+    if missing:
+        raise damaged_error(file, f"not a study manifest: no {', '.join(missing)}")
+    return manifest
+
+
+def read_part(file: Path) -> pd.DataFrame:
+    """One stored parquet file (a chunk or the consolidated table), its page CRCs and row digest verified.
+
+    Raises
+    ------
+    StoreDamagedError
+        One line naming the file: truncated, empty, garbled, or not rows of a study.
+    """
+    try:
+        if file.stat().st_size == 0:
+            raise damaged_error(file, "empty file (0 bytes)")
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(file, page_checksum_verification=True)
+        frame = table.to_pandas()
+        want = (table.schema.metadata or {}).get(DIGEST_KEY)  # absent in files written before it was added
+        if want is not None and frame_digest(frame).encode() != want:
+            raise damaged_error(file, "its rows do not match the checksum stored in it")
+    except StoreDamagedError:
+        raise
+    except PermissionError as exc:
+        raise ValueError(f"store file {str(file)!r} cannot be read ({_reason(exc)}); allowed: a readable "
+                         "store") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for bad bytes; each is damage
+        raise damaged_error(file, _reason(exc, file)) from None
+    missing = [c for c in ROW_COLUMNS if c not in frame.columns]
+    if missing or not all(pd.api.types.is_integer_dtype(frame[c]) for c in ("condition", "replicate")):
+        raise damaged_error(file, f"not a study's rows: columns {list(frame.columns)[:8]}")
+    return frame
+
+
+def stored_files(path: str | os.PathLike) -> list[Path]:
+    """The parquet files holding a store's rows: the consolidated table first, then the chunks."""
+    path = Path(path)
+    files = [path / TABLE] if (path / TABLE).is_file() else []
+    return files + (sorted((path / CHUNKS).glob("part-*.parquet")) if (path / CHUNKS).is_dir() else [])
+
+
+def empty_rows() -> pd.DataFrame:
+    return pd.DataFrame({"condition": pd.Series(dtype="int64"), "replicate": pd.Series(dtype="int64"),
+                         "method": pd.Series(dtype="str"), "status": pd.Series(dtype="str"),
+                         "message": pd.Series(dtype="str")})
+
+
+def combine_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Stored frames -> one frame, one row per key (the first wins)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_rows()
+    rows = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
+    return rows.drop_duplicates(subset=KEY, keep="first", ignore_index=True)
 
 
 def read_rows(path: str | os.PathLike) -> pd.DataFrame:
@@ -143,23 +216,13 @@ def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     -------
     DataFrame
         Raw stored rows (no condition columns, unsorted); empty if none.
+
+    Raises
+    ------
+    StoreDamagedError
+        A stored file is damaged (see :func:`read_part`); nothing is changed.
     """
-    path = Path(path)
-    frames = []
-    table = path / TABLE
-    if table.is_file():
-        frames.append(pd.read_parquet(table))
-    chunk_dir = path / CHUNKS
-    if chunk_dir.is_dir():
-        for file in sorted(chunk_dir.glob("part-*.parquet")):
-            frames.append(pd.read_parquet(file))
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame({"condition": pd.Series(dtype="int64"), "replicate": pd.Series(dtype="int64"),
-                             "method": pd.Series(dtype="str"), "status": pd.Series(dtype="str"),
-                             "message": pd.Series(dtype="str")})
-    rows = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
-    return rows.drop_duplicates(subset=KEY, keep="first", ignore_index=True)
+    return combine_rows([read_part(file) for file in stored_files(path)])
 
 
 class Store:
@@ -182,6 +245,8 @@ class Store:
         The directory holds a study with a different config hash.
     StoreBusyError
         Another live process holds the directory's lock.
+    StoreDamagedError
+        The manifest is damaged (a stored parquet file: when rows are read).
     """
 
     def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], *, extends: Iterable[str] = ()):
@@ -190,12 +255,22 @@ class Store:
         self.extends = frozenset(extends)
         self._lock_fh = None
         self._seq = 0
+        self.read_only = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def open(self) -> "Store":
-        """Create or check the directory, take the lock, write the manifest."""
+        """Create or check the directory, take the lock, write the manifest.
+
+        A folder the user cannot write to is opened read-only (:attr:`read_only`): nothing is written, the
+        lock is shared (and skipped if ``.lock`` cannot be opened), and only a finished study can be read
+        from it (:meth:`require_writable`).
+        """
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"store={str(self.path)!r} is invalid; allowed: a directory path")
+        if self.path.is_dir():
+            self.read_only = any(write_problem(d) for d in (self.path, self.path / CHUNKS) if d.is_dir())
+        if self.read_only:
+            return self._open_read_only()
         (self.path / CHUNKS).mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -207,15 +282,13 @@ class Store:
                     self.manifest["complete"] = False
                     self.write_manifest()
                 elif old.get("config_hash") != self.manifest["config_hash"]:
-                    raise StoreMismatchError(
-                        f"store {str(self.path)!r} holds a different study (config hash "
-                        f"{str(old.get('config_hash'))[:12]} != {self.manifest['config_hash'][:12]}); "
-                        "allowed: the same study's directory, a new directory, or delete it first")
+                    raise self._mismatch(old)
                 else:
                     self.manifest["complete"] = bool(old.get("complete", False))
             elif any(self.path.glob("chunks/part-*.parquet")) or (self.path / TABLE).exists():
-                raise StoreMismatchError(f"store {str(self.path)!r} holds rows but no {MANIFEST}; "
-                                         "allowed: a new directory, or delete it first")
+                raise StoreMismatchError(f"store {str(self.path)!r} holds rows but no {MANIFEST}; allowed: run "
+                                         "again with --repair (Python: repair=True) to rewrite it once the rows "
+                                         "are checked to be this study's, a new directory, or delete it first")
             else:
                 self.manifest["complete"] = False
                 self.write_manifest()
@@ -226,14 +299,52 @@ class Store:
             raise
         return self
 
-    def _lock(self) -> None:
+    def _mismatch(self, old: Mapping) -> StoreMismatchError:
+        return StoreMismatchError(
+            f"store {str(self.path)!r} holds a different study (config hash "
+            f"{str(old.get('config_hash'))[:12]} != {self.manifest['config_hash'][:12]}); "
+            "allowed: the same study's directory, a new directory, or delete it first")
+
+    def _open_read_only(self) -> "Store":
+        self._lock(shared=True)
+        try:
+            if not (self.path / MANIFEST).is_file():
+                raise StoreReadOnlyError(f"store {str(self.path)!r} is read-only and holds no study; allowed: a "
+                                         "folder you can write to")
+            old = read_manifest(self.path)
+            if old.get("config_hash") in self.extends:
+                raise StoreReadOnlyError(f"store {str(self.path)!r} is read-only and holds this study with "
+                                         f"{old.get('replicates')} replicates; allowed: a copy you can write to "
+                                         "(cp -r DIR NEW, then run into NEW), or make it writable")
+            if old.get("config_hash") != self.manifest["config_hash"]:
+                raise self._mismatch(old)
+            self.manifest["complete"] = bool(old.get("complete", False))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def require_writable(self, missing: int) -> None:
+        """Raise :class:`StoreReadOnlyError` (one line) if ``missing`` replicates are to be computed into a
+        read-only store: checked before anything runs, so nothing computed is lost."""
+        if self.read_only and missing:
+            raise StoreReadOnlyError(
+                f"store {str(self.path)!r} is read-only and {missing} replicate(s) of the study are not stored "
+                "yet; allowed: a copy you can write to (cp -r DIR NEW, then run into NEW), or make it writable")
+
+    def _lock(self, *, shared: bool = False) -> None:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locking
             return
-        fh = open(self.path / ".lock", "a+")
+        try:  # a reader needs no write access: open an existing lock file read-only
+            fh = open(self.path / ".lock", "r" if shared else "a+")
+        except OSError:
+            if shared:  # no lock file, or not readable: nobody can be writing a read-only store through it
+                return
+            raise
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             fh.close()
             raise StoreBusyError(f"store {str(self.path)!r} is in use by another running study; "
@@ -275,8 +386,11 @@ class Store:
         """Write ``replicates.parquet`` holding every row, then drop the chunks.
 
         Order matters for kill safety: the table is in place before any chunk
-        is removed, and reading deduplicates on the row key.
+        is removed, and reading deduplicates on the row key. A read-only store
+        is left as it is (its rows are read from the chunks).
         """
+        if self.read_only:
+            return
         atomic_write_parquet(frame, self.path / TABLE)
         self.manifest["complete"] = True
         self.write_manifest()

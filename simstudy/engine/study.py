@@ -16,17 +16,20 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import backends
 from . import seeds as _seeds
-from .design import RESERVED_COLUMNS, expand_design, factor_names
+from .callables import normalise_methods
+from .design import expand_design, factor_names
+from .errors import TruthError
 from .result import StudyResult
 from .extension import import_other_counts, smaller_versions
+from .repair import repair_store
 from .limits import check_limits
+from .performance import user_measures
 from .storage import Store, callable_fingerprint, config_hash
 from .tidy import finalise, raw_frame
 from .worker import Payload, check_truth_value, run_batch, wants_rng
@@ -37,34 +40,6 @@ __all__ = ["Study"]
 # ------------------------------------------------------------------------------------------------------------
 # Study
 # ------------------------------------------------------------------------------------------------------------
-def _normalise_methods(analyse: Any) -> dict[str, Callable]:
-    if callable(analyse) and not isinstance(analyse, Mapping):
-        analyse = [analyse]
-    if isinstance(analyse, Mapping):
-        methods = dict(analyse)
-    elif isinstance(analyse, Sequence) and not isinstance(analyse, (str, bytes)):
-        methods = {}
-        for fn in analyse:
-            name = getattr(fn, "__name__", None)
-            if not callable(fn) or not name or name == "<lambda>":
-                raise ValueError(f"analyse item {fn!r} is invalid; allowed: a named function, or pass a dict "
-                                 "name -> function")
-            if name in methods:
-                raise ValueError(f"analyse has two methods named {name!r}; allowed: distinct names (use a dict)")
-            methods[name] = fn
-    else:
-        raise ValueError(f"analyse={analyse!r} is invalid; allowed: a dict name -> function(data, cond), "
-                         "a list of functions or one function")
-    if not methods:
-        raise ValueError("analyse={} is invalid; allowed: at least one method")
-    for name, fn in methods.items():
-        if not isinstance(name, str) or not name or name in RESERVED_COLUMNS:
-            raise ValueError(f"method name {name!r} is invalid; allowed: a non-empty string")
-        if not callable(fn):
-            raise ValueError(f"analyse[{name!r}]={fn!r} is invalid; allowed: a callable (data, cond) -> dict")
-    return methods
-
-
 def _package_version() -> str:
     """The installed distribution's version (the engine imports nothing above itself)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -132,6 +107,9 @@ class Study:
         are recorded ``"timeout"`` and the study goes on. ``promote_warnings``:
         warning classes (or names) recorded as failures (status ``"warning"``);
         other warnings are counted per row. See :mod:`simstudy.engine.limits`.
+    measures : mapping, optional
+        Performance measures of your own, name -> spec, added to :meth:`StudyResult.summary` (kept in
+        memory, not stored): see :mod:`simstudy.engine.user_measures`.
 
     Examples
     --------
@@ -144,14 +122,14 @@ class Study:
     def __init__(self, design, generate: Callable, analyse, truth: Callable | None = None, replicates: int = 100,
                  seed: int | None = None, *, name: str | None = None, fingerprint: str | None = None,
                  copy_data: bool = True, seed_torch: bool | None = None, options: Mapping | None = None,
-                 timeout: float | None = None, promote_warnings=()):
+                 timeout: float | None = None, promote_warnings=(), measures: Mapping | None = None):
         self.timeout, self.promote_warnings = check_limits(timeout, promote_warnings)
         self.conditions = expand_design(design)
         self.factors = factor_names(self.conditions)
         if not callable(generate):
             raise ValueError(f"generate={generate!r} is invalid; allowed: a callable (cond, rng) -> data")
         self.generate = generate
-        self.methods = _normalise_methods(analyse)
+        self.methods = normalise_methods(analyse)
         for m in self.methods:
             if m in self.factors:
                 raise ValueError(f"method name {m!r} is invalid; allowed: a name that is not a design factor")
@@ -177,6 +155,7 @@ class Study:
         self.copy_data = bool(copy_data)
         self.seed_torch = seed_torch
         self.options = dict(options or {})
+        self.measures = user_measures(measures)
         self._truths: list[dict] | None = None
 
     # -- identity ------------------------------------------------------------------------------------------
@@ -198,7 +177,13 @@ class Study:
                 if self.truth is None:
                     out.append({})
                     continue
-                t = self.truth(dict(cond))
+                try:
+                    t = self.truth(dict(cond))
+                except Exception as exc:  # noqa: BLE001 - the user's code: name the condition, keep one line
+                    msg = str(exc).splitlines()[0] if str(exc) else ""
+                    raise TruthError(f"truth raised {type(exc).__name__}{(': ' + msg) if msg else ''} for condition "
+                                     f"{i} {dict(cond)!r}; allowed: a truth function cond -> {{estimand: number}} "
+                                     "defined for every condition") from exc
                 if not isinstance(t, Mapping):
                     t = {"estimate": t}
                 out.append({str(k): check_truth_value(str(k), v, i) for k, v in t.items()})
@@ -272,7 +257,7 @@ class Study:
     # -- running -------------------------------------------------------------------------------------------
     def run(self, n_jobs: int | None = None, *, backend: str = "loky", scheduler: str | None = None,
             store: str | os.PathLike | None = None, progress: bool | None = None, flush_seconds: float = 2.0,
-            batch_size: int | None = None) -> "StudyResult":
+            batch_size: int | None = None, repair: bool = False) -> "StudyResult":
         """Run (or resume) the study.
 
         Parameters
@@ -299,6 +284,8 @@ class Study:
             Replicates per task sent to a worker; default adaptive (one at
             first, then as many as take about 0.5 s; see
             :mod:`simstudy.engine.backends`).
+        repair : bool
+            Move damaged store files aside, recompute their rows (:mod:`simstudy.engine.repair`).
 
         Returns
         -------
@@ -321,6 +308,8 @@ class Study:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: None or an integer >= 1")
         names = list(self.methods)
         manifest = self.manifest()
+        if repair and store is not None:
+            repair_store(store, self)
         st = Store(store, manifest, extends=smaller_versions(store, self.replicates, self._at_count)).open() if store is not None else None
         try:
             if st is not None:
@@ -338,6 +327,8 @@ class Study:
                     todo = tuple(i for i, m in enumerate(names) if m not in have)
                     if todo:
                         items.append((c, r, todo))
+            if st is not None:  # a read-only store: refused before anything runs
+                st.require_writable(len(items))
             new_rows: list[dict] = []
             buffer: list[dict] = []
             last_flush = [time.monotonic()]
@@ -389,7 +380,9 @@ class Study:
                 warnings.warn(f"study {self.name!r} interrupted: {len(fin.table)} of {expected} rows finished"
                               + (f" and stored in {str(store)!r}; run again to resume" if st is not None
                                  else "; pass store= to keep them across runs"), RuntimeWarning, stacklevel=2)
-            return StudyResult(fin.table, manifest=manifest, timings=fin.timings, interrupted=interrupted)
+            result = StudyResult(fin.table, manifest=manifest, timings=fin.timings, interrupted=interrupted)
+            result.measures = self.measures  # callables: summary() adds them (simstudy.engine.user_measures)
+            return result
         finally:
             if st is not None:
                 st.close()

@@ -10,7 +10,9 @@ What is a failure (the status recorded): an exception (``"error"``, or the
 exception's ``status`` such as ``"diverged"``); a returned NaN or None
 (``"nan"``); a returned infinity (``"nonfinite"``); a return value of the
 wrong form (``"error"``); a warning of a class promoted to an error
-(``"warning"``); the replicate's time limit (``"timeout"``). Rows with a NaN or an infinity keep the
+(``"warning"``); the replicate's time limit (``"timeout"``); a replicate that
+kills its worker process (``"crashed"``, recorded by the calling process, see
+:mod:`simstudy.engine.crashes`). Rows with a NaN or an infinity keep the
 returned values in the table. Other warnings are counted per row (columns
 ``warnings`` and ``warning_message``, see :mod:`simstudy.engine.limits`).
 """
@@ -35,7 +37,8 @@ from . import limits as _limits
 from . import seeds as _seeds
 from .design import RESERVED_COLUMNS
 
-__all__ = ["ENGINE_COLUMNS", "Payload", "convert_output", "run_batch", "run_one", "to_value", "wants_rng"]
+__all__ = ["ENGINE_COLUMNS", "Payload", "convert_output", "make_row", "run_batch", "run_one", "to_value",
+           "wants_rng"]
 
 _MESSAGE_MAX = 500
 #: Columns the engine writes besides RESERVED_COLUMNS (only when some row warned); no method may return them.
@@ -176,6 +179,12 @@ def _timeout_message(payload: Payload, stage: str) -> str:
     return f"{stage}exceeded the time limit of the replicate (timeout={payload.timeout:g} s)"
 
 
+def make_row(c: int, r: int, method: str, status: str, message: str, seconds: float = 0.0) -> dict:
+    """One raw row: its key (condition, replicate, method; the seeds follow from the position), status and message."""
+    return {"condition": c, "replicate": r, "method": method, "status": status, "message": message,
+            "_seconds": seconds}
+
+
 def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> list[dict]:
     """Run the listed methods on replicate ``r`` of condition ``c``; one row per method."""
     seed = payload.seed
@@ -198,12 +207,11 @@ def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> 
     last = len(method_indices) - 1
     for pos, m in enumerate(method_indices):
         name, fn, wants_rng = payload.methods[m]
-        row = {"condition": c, "replicate": r, "method": name}
         caught = list(gen_warnings)
         if failure is not None:
-            row.update(status=failure[0], message=failure[1], _seconds=0.0)
+            row = make_row(c, r, name, *failure)
         elif end is not None and time.perf_counter() >= end:
-            row.update(status="timeout", message=_timeout_message(payload, "not run: "), _seconds=0.0)
+            row = make_row(c, r, name, "timeout", _timeout_message(payload, "not run: "))
         else:
             t1 = time.perf_counter()
             # Methods must all see the same data, also on resume where only some run: copy for all but the last.
@@ -219,7 +227,7 @@ def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> 
                 status, message, values = "timeout", _timeout_message(payload, ""), {}
             except Exception as exc:  # noqa: BLE001
                 status, message, values = _status_of(exc, promoted), _message(exc), {}
-            row.update(status=status, message=message, _seconds=time.perf_counter() - t1 + gen_seconds)
+            row = make_row(c, r, name, status, message, time.perf_counter() - t1 + gen_seconds)
             row.update(values)
         if caught:
             row.update(warnings=len(caught), warning_message=_warning_text(caught[0]))

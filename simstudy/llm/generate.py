@@ -37,10 +37,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cache_of(out):
-    return out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values", None)
-
-
 @torch.no_grad()
 def generate(model: PerturbedCausalLM, x: torch.Tensor, *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, scope: str = "datum", perturb: bool | None = None,
@@ -78,20 +74,18 @@ def generate(model: PerturbedCausalLM, x: torch.Tensor, *, max_new_tokens: int, 
 
     out_tokens = torch.empty(B * S, max_new_tokens, dtype=torch.long, device=x.device)
     if scope == "datum":
-        out = model.hidden(prompt(), use_cache=True)
-        cache = _cache_of(out)
+        logits, cache = model.next_token_logits(prompt(), use_cache=True)  # (B*S, V): the model's own logits
         for t in range(max_new_tokens):
-            token = _sample(model.logits(out.last_hidden_state[:, -1]), temperature, top_k, generator)  # (B*S,)
+            token = _sample(logits, temperature, top_k, generator)  # (B*S,)
             out_tokens[:, t] = token
             if t + 1 < max_new_tokens:
                 step = model.embedding(token[:, None]).to(model.dtype)  # (B*S, 1, d)
-                out = model.hidden(step, use_cache=True, **{model._cache_kwarg: cache})
-                cache = _cache_of(out)
+                logits, cache = model.next_token_logits(step, cache=cache, use_cache=True)
     else:
         for t in range(max_new_tokens):
             inputs = prompt()
             if t:
                 inputs = torch.cat([inputs, model.embedding(out_tokens[:, :t]).to(model.dtype)], dim=1)
-            h = model.hidden(inputs, use_cache=False).last_hidden_state[:, -1]  # (B*S, d)
-            out_tokens[:, t] = _sample(model.logits(h), temperature, top_k, generator)
+            logits, _ = model.next_token_logits(inputs)  # (B*S, V)
+            out_tokens[:, t] = _sample(logits, temperature, top_k, generator)
     return out_tokens.view(B, S, max_new_tokens)

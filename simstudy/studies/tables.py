@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.callables import resolve_callable
+from ..engine.limits import check_limits
+from ..engine.performance import MEASURES
+from ..engine.user_measures import check_measures
 
 __all__ = ["MAX_CONDITIONS", "MAX_REPLICATES", "SpecError", "StudyFile", "check_design", "check_keys", "check_name",
-           "check_rates", "check_table", "evaluate_truths", "get_callable", "get_value", "parse_rates"]
+           "check_rates", "check_run_table", "check_study_limits", "check_summary_measures", "check_table", "evaluate_truths", "get_callable", "get_value", "parse_rates"]
 
 #: Bounds that keep a typo from allocating until memory runs out or hanging silently.
 MAX_REPLICATES = 10**7
@@ -134,6 +137,38 @@ def get_callable(table: Mapping, where: str, *, n_positional: int = 2) -> Callab
     return functools.partial(fn, **params)
 
 
+def check_study_limits(st: Mapping) -> tuple[float | None, tuple[str, ...]]:
+    """``[study] timeout`` and ``promote_warnings`` (:func:`simstudy.engine.limits.check_limits`), one-line errors."""
+    timeout = get_value(st, "timeout", float, "study", default=None, check=lambda v: math.isfinite(v) and v > 0,
+                        allowed="seconds per replicate, a number > 0")
+    promote = get_value(st, "promote_warnings", list, "study", default=[],
+                        check=lambda v: all(isinstance(w, str) and w for w in v),
+                        allowed="a list of warning class names ('RuntimeWarning', 'package.module.Class')")
+    try:
+        return check_limits(timeout, promote)
+    except ValueError as exc:
+        raise SpecError(f"study.{exc}") from None
+
+
+def check_run_table(run) -> dict:
+    """``[run]``: n_jobs, backend, scheduler and out, each validated (command-line flags override them)."""
+    out: dict = {}
+    if not isinstance(run, dict):
+        raise SpecError("run has the wrong type; allowed: a table [run]")
+    check_keys(run, {"n_jobs", "backend", "scheduler", "out"}, "run")
+    if "n_jobs" in run:
+        out["n_jobs"] = get_value(run, "n_jobs", int, "run", check=lambda v: v >= 1 or v == -1,
+                                  allowed="an integer >= 1, or -1 for all CPUs")
+    if "backend" in run:
+        out["backend"] = get_value(run, "backend", str, "run", check=lambda v: v in ("loky", "dask"),
+                                   allowed="'loky' or 'dask'")
+    if "scheduler" in run:
+        out["scheduler"] = get_value(run, "scheduler", str, "run", check=bool, allowed="a scheduler address")
+    if "out" in run:
+        out["out"] = get_value(run, "out", str, "run", check=bool, allowed="a directory path")
+    return out
+
+
 @dataclass
 class StudyFile:
     """Parsed common part of a study file.
@@ -143,6 +178,10 @@ class StudyFile:
     kind, name, description : str
     replicates, seed : int
     fingerprint : str or None
+    timeout : float or None
+        ``[study] timeout``: seconds per replicate (``Study(timeout=)``).
+    promote_warnings : tuple of str
+        ``[study] promote_warnings``: warning classes recorded as failures (``Study(promote_warnings=)``).
     design : dict or list of dict or None
         ``[design]`` (factorial) or ``[[conditions]]`` (non-factorial), as in the file.
     run : dict
@@ -161,6 +200,8 @@ class StudyFile:
     seed: int
     description: str = ""
     fingerprint: str | None = None
+    timeout: float | None = None
+    promote_warnings: tuple = ()
     design: Any = None
     run: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
@@ -176,11 +217,29 @@ class StudyFile:
             out["reference"] = self.summary["reference"]
         if "alpha" in self.summary:
             out["alpha"] = self.summary["alpha"]
+        if self.summary.get("measures"):  # import paths: stored with the results, so a re-read store has them
+            out["measures"] = {k: dict(v) for k, v in self.summary["measures"].items()}
         if "level" in self.report:
             out["level"] = self.report["level"]
         if self.report.get("figures"):
             out["figures"] = list(self.report["figures"])
         return out
+
+
+def check_summary_measures(value: Any) -> dict:
+    """``[summary.measures.NAME]`` tables (``function``, ``mcse``, ``needs_truth``, ``columns``, ``n_resamples``).
+
+    Validated as :class:`simstudy.engine.user_measures.UserMeasure` (import paths resolved now), and
+    returned as given, so that they are stored with the results in ``options["measures"]``.
+    """
+    table = check_table(value, "summary.measures")
+    for name, spec in table.items():
+        check_table(spec, f"summary.measures.{name}")
+    try:
+        check_measures(table, reserved=MEASURES, where="summary.measures", dotted=True)
+    except ValueError as exc:
+        raise SpecError(str(exc).splitlines()[0]) from None
+    return {name: dict(spec) for name, spec in table.items()}
 
 
 def check_design(sf_tables: dict) -> Any:
@@ -251,24 +310,12 @@ def parse_rates(value: Any) -> list[dict]:
 
 
 def evaluate_truths(study) -> list[dict]:
-    """``study.truths()`` now, before anything runs: a truth function that raises is a one-line SpecError."""
+    """``study.truths()`` now, before anything runs: a truth function that raises (the engine's one-line
+    :class:`~simstudy.engine.errors.TruthError`, naming the condition) or returns a non-number is a SpecError."""
     try:
         return study.truths()
-    except Exception as exc:  # noqa: BLE001 - the user's code: any error is a bad study file
-        conds = study.conditions
-        bad = next((i for i, c in enumerate(conds) if _raises(study.truth, c)), None)
-        where = f" for condition {bad} {conds[bad]!r}" if bad is not None else ""
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        raise SpecError(f"truth raised {type(exc).__name__}{(': ' + msg) if msg else ''}{where}; allowed: a "
-                        "truth function cond -> {estimand: number} defined for every condition") from None
-
-
-def _raises(fn, cond) -> bool:
-    try:
-        fn(dict(cond))
-    except Exception:  # noqa: BLE001
-        return True
-    return False
+    except ValueError as exc:
+        raise SpecError(str(exc).splitlines()[0]) from None
 
 
 def check_rates(rates: list[dict], factors: list, levels: Mapping, estimands: list, metrics=None) -> None:

@@ -83,7 +83,10 @@ A study file of this kind (every table but ``[study]`` and ``[methods.*]`` optio
     cache_dir = "..."       # where the converted SmolLM2 lives (default ~/.cache/simstudy)
     lora = { r = 8, alpha = 16.0, dropout = 0.0, target_modules = ["q_proj", "v_proj"] }
     max_rows = 64           # rows per evaluation forward pass
-    head_chunk_elements = 134217728
+    head_chunk_elements = 134217728   # logits of one pass; a larger batch runs in checkpointed chunks
+    save_fitted = "fitted"  # optional: keep every fit (adapter, perturbation, settings: save_pretrained) in
+                            # fitted/<condition>/seed-<seed>/<method>, relative to the working directory;
+                            # off by default; not part of the store's hash (a run resumes with it on or off)
 
     [data]
     train = "wiki-en"       # in-domain corpus (simstudy.llm.CORPORA)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +25,8 @@ from .caches import base_model, condition_pairs
 from .config import DataConfig, EvalConfig, ModelConfig, condition_data
 from .methods import LLMMethod
 
-__all__ = ["EQUATION_STATS", "RejectionBudget", "ShiftData", "build_model", "eval_scope", "make_analyse",
-           "make_generate", "perturbation_rms"]
+__all__ = ["EQUATION_STATS", "RejectionBudget", "ShiftData", "build_model", "eval_scope", "fitted_folder",
+           "make_analyse", "make_generate", "perturbation_rms"]
 
 #: equation statistics reported (means over the fit's steps), as ``fit_<name>``.
 EQUATION_STATS = ("acceptance_rate", "ess_fraction", "K_mean", "estimate_sd")
@@ -76,6 +78,13 @@ def build_model(method: LLMMethod, model: ModelConfig, data: DataConfig, seed: i
                               latent_dim=method.latent_dim, lora=LoRAConfig(**{**model.lora, **method.lora}),
                               seed=seed, max_rows=model.max_rows, head_chunk_elements=model.head_chunk_elements,
                               perturbation_options=options or None)
+
+
+def fitted_folder(root, cond: dict, seed: int, method: str) -> Path:
+    """Where ``[model] save_fitted`` keeps one fit: ``root/<condition>/seed-<replicate seed>/<method>``
+    (the condition as ``key=value`` pairs joined by ``,``; the seed is the replicate's fit seed)."""
+    label = ",".join(f"{k}={v}" for k, v in sorted(cond.items())) or "default"
+    return Path(root) / re.sub(r"[^A-Za-z0-9_.,=+-]", "_", label) / f"seed-{seed}" / method
 
 
 def perturbation_rms(lm) -> float | None:
@@ -138,6 +147,8 @@ def make_analyse(method: LLMMethod, model: ModelConfig, data: DataConfig, evalua
                           config=method.sgd_config(), generator=generator)
         except RejectionBudgetExceeded as exc:
             raise RejectionBudget(str(exc).splitlines()[0]) from None
+        if model.save_fitted:  # the adapter (peft format), the perturbation and its settings (DESIGN §8)
+            lm.save_pretrained(fitted_folder(model.save_fitted, cond, shift.seed, method.name))
         scope = eval_scope(method, evaluation)
         out: dict[str, float] = {}
         mauve_options = {"num_buckets": evaluation.mauve_buckets}

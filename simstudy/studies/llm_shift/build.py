@@ -145,6 +145,10 @@ def build_study(sf: spec.StudyFile) -> Study:
     options["figures"] = list(options.get("figures", [])) + [FIGURE_HOOK]
     options["headline"] = evaluation.headline or default_headline(data, evaluation)
     options["splits"] = list(data.splits)
-    fingerprint = sf.fingerprint or repr((VERSION, sorted((k, repr(v)) for k, v in t.items()), repr(design)))
+    # where fitted models are kept changes no result: left out, so a run may resume with it turned on or off
+    hashed = dict(t)
+    if "model" in t:
+        hashed["model"] = {k: v for k, v in t["model"].items() if k != "save_fitted"}
+    fingerprint = sf.fingerprint or repr((VERSION, sorted((k, repr(v)) for k, v in hashed.items()), repr(design)))
     return Study(design=design, generate=make_generate(model, data, evaluation), analyse=analyse,
                  replicates=sf.replicates, seed=sf.seed, name=sf.name, fingerprint=fingerprint, options=options)

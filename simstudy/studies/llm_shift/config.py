@@ -31,7 +31,9 @@ class ModelConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "converted-model cache (default ~/.cache/simstudy)"})
     lora: dict = field(default_factory=dict, metadata={"help": "LoRAConfig fields"})
     max_rows: int = field(default=64, metadata={"help": "rows per evaluation forward pass"})
-    head_chunk_elements: int = field(default=2 ** 27, metadata={"help": "logits per checkpointed head chunk"})
+    head_chunk_elements: int = field(default=2 ** 27, metadata={"help": "logits per pass; above: checkpointed chunks"})
+    save_fitted: str | None = field(default=None, metadata={
+        "help": "folder to keep every fitted adapter and perturbation in (save_pretrained; default: none kept)"})
 
     def __post_init__(self) -> None:
         from ...llm.model import DTYPES, LoRAConfig  # lazily: the llm extra is checked before it is needed
@@ -46,6 +48,8 @@ class ModelConfig:
         LoRAConfig(**self.lora)
         check_int("max_rows", self.max_rows, 1)
         check_int("head_chunk_elements", self.head_chunk_elements, 1)
+        if self.save_fitted is not None and (not isinstance(self.save_fitted, str) or not self.save_fitted):
+            raise ValueError(f"save_fitted={self.save_fitted!r} is invalid; allowed: a folder path, or leave it out")
 
 
 @dataclass
