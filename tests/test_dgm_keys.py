@@ -22,28 +22,30 @@ NEW_KEYS = {"teacher_law": "scaled", "teacher_weight_sd": 1.0, "teacher_bias_sd"
 SMALL = dict(vocab_size=11, hidden=4, entropy=1.5, seed=3)
 
 
-def _digest(module: torch.nn.Module, *extra: torch.Tensor) -> str:
-    """sha256 (first 16 hex digits) of a module's state (sorted by name, float64 bytes) and extra tensors."""
+def _digest(module: torch.nn.Module, *extra: torch.Tensor, dtype=torch.float64) -> str:
+    """sha256 (first 16 hex digits) of a module's state (sorted by name, ``dtype`` bytes) and extra tensors."""
     h = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
         h.update(key.encode())
-        h.update(value.detach().double().contiguous().numpy().tobytes())
+        h.update(value.detach().to(dtype).contiguous().numpy().tobytes())
     for t in extra:
-        h.update(t.numpy().tobytes())
+        h.update(t.to(dtype).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-# Computed with the code before these keys existed (teacher state + embedding; logit scale; student seed 5).
+# Computed with the code before these keys existed (teacher state + embedding; logit scale; student seed 5). The
+# teacher's scale comes from a scipy root-finder whose last bit varies with the installed numpy/scipy (seen: 1 ulp
+# with scipy 1.17.1), so the teacher is compared in float32 and the scale to 1e-12; the student stays bitwise.
 BEFORE = {
-    "mlp-seed0": (dict(seed=0), "4424772bcd646aec", 0.5658173335794986, "738195e8c90307aa"),
-    "mlp-identified-seed3": (dict(design="identified", seed=3), "d80eef2a28159f1f", 0.7328423971089315,
+    "mlp-seed0": (dict(seed=0), "90c55d61bca5fc28", 0.5658173335794986, "738195e8c90307aa"),
+    "mlp-identified-seed3": (dict(design="identified", seed=3), "0b68adbfe48e39ce", 0.7328423971089315,
                              "9af28c3c51f76e8d"),
-    "linear-seed0": (dict(teacher="linear", vocab_size=11, seed=0), "285fde7142efb6f3", 0.8155382272363565,
+    "linear-seed0": (dict(teacher="linear", vocab_size=11, seed=0), "37875f47a2672674", 0.8155382272363565,
                      "735416e5681670e0"),
-    "transformer-seed1": (dict(teacher="transformer", vocab_size=11, seed=1), "b76f2ee0a2dab69e",
+    "transformer-seed1": (dict(teacher="transformer", vocab_size=11, seed=1), "26ec5bd815c87999",
                           2.0161958219217904, "53415c035ef94f76"),
     "mlp-d7-tangent": (dict(vocab_size=11, embed_dim=7, direction="tangent", latent_dim=2, seed=2),
-                       "a95b132b6dc57007", 0.3353093646812172, "5966ab785036a7c2"),
+                       "32c1269ad4b96fc2", 0.3353093646812172, "5966ab785036a7c2"),
 }
 
 
@@ -51,8 +53,8 @@ BEFORE = {
 def test_default_settings_give_bitwise_the_earlier_teacher_and_student(case):
     options, teacher, logit_scale, student = BEFORE[case]
     dgm = make_dgm(options)
-    assert _digest(dgm.teacher, dgm.embedding) == teacher
-    assert dgm.logit_scale == logit_scale
+    assert _digest(dgm.teacher, dgm.embedding, dtype=torch.float32) == teacher
+    assert dgm.logit_scale == pytest.approx(logit_scale, rel=1e-12, abs=0)
     assert _digest(dgm.make_student(seed=5)) == student
 
 
