@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["METHOD_TAG", "TORCH_TAG", "replicate_seed_sequence", "replicate_rng", "method_rng", "torch_seed",
+__all__ = ["METHOD_TAG", "TORCH_TAG", "BOOTSTRAP_TAG", "measure_rng", "replicate_seed_sequence", "replicate_rng", "method_rng", "torch_seed",
            "single_threaded", "pin_torch_threads", "check_seed"]
 
 #: Third spawn-key word of a method's own stream (chosen far above any
@@ -31,6 +32,8 @@ __all__ = ["METHOD_TAG", "TORCH_TAG", "replicate_seed_sequence", "replicate_rng"
 METHOD_TAG = 0x6D657468  # "meth"
 #: Third spawn-key word of the torch seed streams.
 TORCH_TAG = 0x746F7263  # "torc"
+#: First spawn-key word of the bootstrap streams of summaries (keeps them apart from the replicate streams).
+BOOTSTRAP_TAG = 0x626F6F74  # "boot"
 
 
 def check_seed(seed) -> int:
@@ -71,6 +74,13 @@ def method_rng(seed: int, condition: int, replicate: int, method_index: int) -> 
     ss = np.random.SeedSequence(entropy=seed, spawn_key=(int(condition), int(replicate), METHOD_TAG,
                                                          int(method_index)))
     return np.random.Generator(np.random.PCG64(ss))
+
+
+def measure_rng(seed: int, condition: int, method: str, column: str, name: str) -> np.random.Generator:
+    """The bootstrap stream of one summary cell (a measure of your own, :mod:`.user_measures`):
+    ``SeedSequence(seed, spawn_key=(BOOTSTRAP_TAG, c, crc32(method), crc32(column), crc32(name)))``."""
+    key = (BOOTSTRAP_TAG, int(condition)) + tuple(zlib.crc32(s.encode()) for s in (method, column, name))
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
 def torch_seed(seed: int, condition: int, replicate: int, method_index: int | None = None) -> int:

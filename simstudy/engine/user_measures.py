@@ -26,7 +26,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,14 +33,12 @@ from typing import Any
 import numpy as np
 
 from .callables import resolve_callable
+from .seeds import measure_rng
 
-__all__ = ["BOOTSTRAP_TAG", "ROUTES", "UserMeasure", "bootstrap_se", "check_measures", "evaluate", "jackknife_se",
-           "measure_rng"]
+__all__ = ["ROUTES", "UserMeasure", "bootstrap_se", "check_measures", "evaluate", "jackknife_se"]
 
 #: Named MCSE routes (a callable, or its import path, is the third).
 ROUTES = ("jackknife", "bootstrap")
-#: First spawn-key word of the bootstrap streams (keeps them apart from the replicate streams ``(c, r)``).
-BOOTSTRAP_TAG = 0x626F6F74  # "boot"
 _SPEC_KEYS = ("function", "mcse", "needs_truth", "columns", "n_resamples")
 _FN_ALLOWED = "a function (values, truth) -> number, or its import path 'package.module:function'"
 
@@ -198,12 +195,6 @@ def check_measures(measures: Mapping | None, *, reserved: Sequence[str] = (), wh
 
 
 # ------------------------------------------------------------------------------------------------------------
-def measure_rng(seed: int, condition: int, method: str, column: str, name: str) -> np.random.Generator:
-    """The bootstrap stream of one summary cell: ``SeedSequence(seed, spawn_key=(BOOTSTRAP_TAG, c, crc32 ...))``."""
-    key = (BOOTSTRAP_TAG, int(condition)) + tuple(zlib.crc32(s.encode()) for s in (method, column, name))
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
-
-
 def _scalar(v: Any, what: str) -> float:
     if np.ndim(v) != 0:
         raise ValueError(f"{what} returned a value of shape {np.shape(v)}; allowed: one number")
