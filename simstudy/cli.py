@@ -1,4 +1,4 @@
-"""Command line: ``simstudy run | summarize | plot | report | list | check`` (DESIGN §6, §7).
+"""Command line: ``simstudy run | summarize | plot | report | export | list | check`` (DESIGN §6, §7).
 
 ``simstudy run`` without argument runs the built-in default study
 (:data:`simstudy.studies.spec.DEFAULT_STUDY`; the generic demo until the
@@ -86,6 +86,14 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
             s.add_argument("--measures", nargs="+", default=[], metavar="NAME=MODULE:FUNCTION[@MCSE]",
                            help="add measures of your own without recomputing a replicate; MCSE: jackknife "
                                 "(default), bootstrap or MODULE:FUNCTION (simstudy.engine.user_measures)")
+    e = sub.add_parser("export", help="write a results directory's rows for other tools (rsimsum)",
+                       description="Write the long table R's rsimsum::multisimsum reads: par, estimate, se, conf.low, "
+                                   "conf.high, true, method, the design factors, condition, repno, status (one row per "
+                                   "replicate x method x estimand). rsimsum reports relerror and relprec in percent "
+                                   "(100 x relerr_modse, 100 x (rel_efficiency - 1)); see simstudy.engine.export.")
+    e.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
+    e.add_argument("--format", choices=["rsimsum"], default="rsimsum", help="table layout (default rsimsum)")
+    e.add_argument("--out", default=None, help="CSV file to write (default: DIR/rsimsum.csv)")
     sub.add_parser("list", help="list study kinds, built-in studies, DGMs, methods, equations")
     c = sub.add_parser("check", help="run the paper checks of DESIGN §6 (one verdict line each)",
                        description="Run paper checks: each states a claim, runs a study and decides with a rule "
@@ -274,6 +282,12 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .cli_export import cmd_export
+
+    return cmd_export(args)
+
+
 def _cmd_list(args) -> int:
     from .checks.base import listing
     from .studies.spec import listings
@@ -319,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or one-line usage error (2)
         return int(exc.code or 0)
     handler = {"check": _cmd_check, "run": _cmd_run, "summarize": _cmd_summarize, "plot": _cmd_plot, "report": _cmd_report,
-               "list": _cmd_list}[args.command]
+               "list": _cmd_list, "export": _cmd_export}[args.command]
     return handler(args)
 
 

@@ -16,8 +16,10 @@ import pandas as pd
 
 from . import performance
 from .design import conditions_frame
+from .design_columns import with_design
 from .rates import RateResult, fit_rate
 from .storage import MANIFEST, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
+from .summary_view import StudySummary
 from .tidy import finalise
 
 __all__ = ["StudyResult"]
@@ -92,8 +94,8 @@ class StudyResult:
                 f"methods={self.methods}, failures={int((self.table['status'] != 'ok').sum())})")
 
     # -- statistics ----------------------------------------------------------------------------------------
-    def summary(self, reference: str | None = None, *, alpha: float | None = None, measures=None) -> pd.DataFrame:
-        """Performance measures with Monte Carlo standard errors.
+    def summary(self, reference: str | None = None, *, alpha: float | None = None, measures=None) -> StudySummary:
+        """Performance measures with Monte Carlo standard errors, as a frame that prints as a summary.
 
         Parameters
         ----------
@@ -109,19 +111,23 @@ class StudyResult:
 
         Returns
         -------
-        DataFrame
-            Tidy: condition columns, ``method``, ``estimand``, ``measure``,
-            ``value``, ``mcse``, ``n_used``, ``failures``; see
-            :func:`simstudy.engine.performance.summarise`.
+        StudySummary
+            A DataFrame, tidy: condition columns, ``method``, ``estimand``,
+            ``measure``, ``value``, ``mcse``, ``n_used``, ``failures``; see
+            :func:`simstudy.engine.performance.summarise`. It prints as a
+            readable summary (the design, replicates per condition, the
+            performance tables with MCSE, the failures) and has ``as_text``,
+            ``as_html`` and ``_repr_html_`` (:mod:`simstudy.engine.summary_view`).
         """
         if reference is None:
             reference = self.options.get("reference")
         if alpha is None:
             alpha = float(self.options.get("alpha", 0.05))
         own = {**self.options.get("measures", {}), **self.measures, **(measures or {})}
-        return performance.summarise(self.table, factors=self.factors, methods=self.methods, truths=self.truths,
-                                     reference=reference, alpha=alpha, measures=own,
-                                     seed=int(self.manifest.get("seed") or 0))
+        frame = performance.summarise(self.table, factors=self.factors, methods=self.methods, truths=self.truths,
+                                      reference=reference, alpha=alpha, measures=own,
+                                      seed=int(self.manifest.get("seed") or 0))
+        return StudySummary.build(frame, self, reference=reference, alpha=alpha, own=list(own))
 
     def failures(self) -> pd.DataFrame:
         """Rows whose status is not ``"ok"``, with what reproduces them.
@@ -227,8 +233,9 @@ class StudyResult:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``replicates.parquet`` and ``manifest.json`` to ``path``.
 
-        The parquet file holds the stored row format (no condition columns;
-        timings as ``_seconds``), so the directory can also be resumed by
+        The parquet file holds the stored row format (timings as
+        ``_seconds``) with the factors and truths as columns
+        (:mod:`.design_columns`), so the directory can also be resumed by
         the same study.
         """
         path = Path(path)
@@ -238,7 +245,7 @@ class StudyResult:
             raw.insert(5, "_seconds", self.timings["seconds"].to_numpy())
         else:
             raw.insert(5, "_seconds", np.nan)
-        atomic_write_parquet(raw, path / TABLE)
+        atomic_write_parquet(with_design(raw, self.manifest["conditions"], self.truths), path / TABLE)
         manifest = dict(self.manifest, complete=self.complete)
         atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1, default=repr))
         return path

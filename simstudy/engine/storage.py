@@ -4,7 +4,7 @@ Layout of a store directory::
 
     DIR/manifest.json          study description and config hash (written atomically)
     DIR/chunks/part-*.parquet  rows written as replicates finish (each file atomic)
-    DIR/replicates.parquet     consolidated table, written when the study completes
+    DIR/replicates.parquet     consolidated table (factors, truths as columns), written when the study completes
     DIR/.lock                  advisory lock (flock) held by the running process
     DIR/damaged/               damaged files moved aside by ``--repair`` (:mod:`.repair`), kept
 
@@ -40,6 +40,7 @@ import pandas as pd
 
 from .atomic import (DIGEST_KEY, atomic_write_bytes, atomic_write_parquet, atomic_write_text, frame_digest,
                      write_problem)
+from .design_columns import with_design
 from .errors import StoreBusyError, StoreDamagedError, StoreMismatchError, StoreReadOnlyError
 
 __all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "read_rows", "read_part", "stored_files",
@@ -366,8 +367,7 @@ class Store:
     # -- contents --------------------------------------------------------------------------------------
     def write_manifest(self) -> None:
         """Write the manifest atomically."""
-        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=1,
-                                                           default=repr))
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=1, default=repr))
 
     def rows(self) -> pd.DataFrame:
         """Rows stored so far (see :func:`read_rows`)."""
@@ -391,7 +391,8 @@ class Store:
         """
         if self.read_only:
             return
-        atomic_write_parquet(frame, self.path / TABLE)
+        atomic_write_parquet(with_design(frame, self.manifest["conditions"], self.manifest.get("truths")),
+                             self.path / TABLE)  # factors and truths as columns (.design_columns)
         self.manifest["complete"] = True
         self.write_manifest()
         for file in (self.path / CHUNKS).glob("part-*.parquet"):

@@ -24,6 +24,7 @@ from . import backends
 from . import seeds as _seeds
 from .callables import normalise_methods
 from .design import expand_design, factor_names
+from .design_columns import reserved_names
 from .errors import TruthError
 from .result import StudyResult
 from .extension import import_other_counts, smaller_versions
@@ -215,7 +216,8 @@ class Study:
             seed_torch = True
         return Payload(generate=self.generate,
                         methods=tuple((k, f, wants_rng(f)) for k, f in self.methods.items()),
-                        conditions=tuple(self.conditions), seed=self.seed, factors=frozenset(self.factors),
+                        conditions=tuple(self.conditions), seed=self.seed,
+                        factors=frozenset(self.factors) | frozenset(reserved_names(self.truths())),  # + true_EST
                         seed_torch=seed_torch, copy_data=self.copy_data, timeout=self.timeout,
                         promote=self.promote_warnings)
 

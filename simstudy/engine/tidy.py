@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .design import conditions_frame
+from .design_columns import without_design
 from .storage import KEY
 from .worker import WARNING_COLUMNS
 
@@ -59,9 +60,10 @@ def finalise(raw: pd.DataFrame, conditions: list[dict], methods: list[str], trut
     """Deduplicate, sort and type the raw rows; add condition columns.
 
     The result depends only on the set of rows, never on arrival order, so
-    tables are bitwise identical across backends and worker counts.
+    tables are bitwise identical across backends and worker counts. Factor and truth columns of a stored
+    table are dropped first (they are derived from ``conditions`` and ``truths``; :mod:`.design_columns`).
     """
-    raw = raw.drop_duplicates(subset=KEY, keep="first")
+    raw = without_design(raw, conditions, truths).drop_duplicates(subset=KEY, keep="first")
     order = {m: i for i, m in enumerate(methods)}
     midx = raw["method"].map(order).to_numpy()
     raw = raw.assign(_m=midx).sort_values(["condition", "replicate", "_m"], kind="mergesort")

@@ -54,7 +54,7 @@ class Payload:
     methods: tuple  # ((name, fn, wants_rng), ...)
     conditions: tuple  # (dict, ...)
     seed: int
-    factors: frozenset
+    factors: frozenset  # design factors and the true_ESTIMAND columns (.design_columns): no method returns them
     seed_torch: bool | None
     copy_data: bool
     timeout: float | None = None  # seconds per replicate (generate + methods)
@@ -132,7 +132,7 @@ def convert_output(out: Any, factors: frozenset) -> tuple[str, str, dict]:
     for k, v in out.items():
         if not isinstance(k, str) or not k or k in ENGINE_COLUMNS or k in factors or k.startswith("_"):
             return "error", (f"returned key {k!r}; allowed: a non-empty string not starting with '_', not in "
-                             f"{list(ENGINE_COLUMNS)} and not a design factor"), {}
+                             f"{list(ENGINE_COLUMNS)}, not a design factor and not true_ESTIMAND"), {}
         try:
             values[k] = to_value(v)
         except TypeError as exc:
