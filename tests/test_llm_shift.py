@@ -216,3 +216,28 @@ def test_out_of_domain_pairs_can_continue_into_other_splits(fortunes):
     x_all, y_all = llm_shift.token_pairs(data, model, "fortunes-de", ("test", "validation", "train"), have + 20)
     assert x_all.shape == (have + 20, 8) and y_all.shape == (have + 20, 6)
     assert (x_all[:have] == x_test).all() and (y_all[:have] == y_test).all()  # the test split first, then the rest
+
+
+def test_a_training_pool_gives_each_replicate_its_own_pairs(fortunes):
+    """``[data] train_pool``: each replicate draws n_train of the pool's pairs (issue 14); 0 keeps them fixed."""
+    import torch
+
+    from simstudy.studies.llm_shift.analysis import make_generate
+
+    model = llm_shift.ModelConfig(name="tiny-gpt2")
+    kwargs = dict(train="python-stdlib", ood={"de": "fortunes-de"}, roots={"fortunes-de": str(fortunes)},
+                  prompt_len=8, continuation_len=6, n_train=6, n_eval=4, n_generate=0)
+    evaluation = llm_shift.EvalConfig()
+    pooled = make_generate(model, llm_shift.DataConfig(train_pool=40, **kwargs), evaluation)
+    fixed = make_generate(model, llm_shift.DataConfig(**kwargs), evaluation)
+    pool_x, pool_y = llm_shift.token_pairs(llm_shift.DataConfig(**kwargs), model, "python-stdlib", ("train",), 40)
+    pool = {tuple(r) for r in torch.cat([pool_x, pool_y], 1).tolist()}
+    draws = [pooled({}, np.random.default_rng(s)) for s in (1, 2)]
+    rows = [{tuple(r) for r in torch.cat([d.x, d.y], 1).tolist()} for d in draws]
+    assert all(len(r) == 6 and r <= pool for r in rows)  # n_train distinct pairs of the pool
+    assert rows[0] != rows[1]  # the replicates differ in their data
+    same = [fixed({}, np.random.default_rng(s)) for s in (1, 2)]
+    assert torch.equal(same[0].x, same[1].x) and torch.equal(same[0].x, pool_x[:6])  # no pool: the first n_train
+    assert draws[0].seed == same[0].seed  # the seed is drawn first, as before
+    with pytest.raises(ValueError, match=r"^train_pool=3 is invalid; allowed: 0 \(no resampling\) or an integer >= "):
+        llm_shift.DataConfig(train_pool=3, **kwargs)

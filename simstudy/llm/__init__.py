@@ -13,8 +13,11 @@ Runs offline (every load passes ``local_files_only=True``); importing changes no
 * :mod:`.perturbations` -- the perturbation maps at LLM scale (:func:`make_llm_perturbation`,
   :class:`NeighbourSubstitution`).
 * :mod:`.corpora` -- offline corpora and deterministic (prompt, continuation) splits.
+* :mod:`.user_corpora` -- a user's own corpora (:class:`UserCorpus`: a folder of text files, JSONL, parquet,
+  a ``save_to_disk`` folder), read into the same corpora and splits.
 * :mod:`.metrics` -- IWAE perplexity, ROUGE-1, MAUVE on base-model features.
-* :mod:`.generate` -- ancestral generation.
+* :mod:`.generate` -- ancestral generation: :class:`GenerationOptions` (temperature, top-k, top-p through
+  transformers' logits warpers; EOS stopping), :func:`sample_continuations` (tokens, lengths, latents).
 * :mod:`.tiny` -- a tiny GPT-2 and a BPE tokenizer trained on local text (tests).
 
 Which estimating equations apply (DESIGN §2, §3). p(y | x, z) is the likelihood
@@ -44,7 +47,7 @@ autoregressive.
 """
 from .corpora import (CORPORA, SPLITS, Corpus, CorpusNotFoundError, TokenPairs, check_corpora, load_corpus,
                       load_pairs, make_pairs, split_documents)
-from .generate import generate
+from .generate import Generation, GenerationOptions, generate, sample_continuations
 from .metrics import (GenerationResult, MauveResult, PerplexityResult, RougeResult, datum_log_marginals,
                       evaluate_pairs, generation_metrics, iwae_perplexity, mauve_score, rouge1)
 from .model import (LoRAConfig, add_lora, convert_gguf, default_target_modules, load_base_model, resolve_device,
@@ -52,13 +55,16 @@ from .model import (LoRAConfig, add_lora, convert_gguf, default_target_modules, 
 from .perturbations import LLM_PERTURBATIONS, NeighbourSubstitution, embedding_scale, make_llm_perturbation
 from .perturbed import PerturbedCausalLM, build_perturbed_lm, encode_prompts
 from .tiny import tiny_gpt2, tiny_model_and_tokenizer, train_bpe_tokenizer
+from .user_corpora import PairCorpus, UserCorpus, UserCorpusError, load_user_corpus
 
 __all__ = [
     "CORPORA", "SPLITS", "Corpus", "CorpusNotFoundError", "TokenPairs", "check_corpora", "load_corpus", "load_pairs",
-    "make_pairs", "split_documents", "generate", "GenerationResult", "MauveResult", "PerplexityResult",
+    "make_pairs", "split_documents", "Generation", "GenerationOptions", "generate", "sample_continuations",
+    "GenerationResult", "MauveResult", "PerplexityResult",
     "RougeResult", "datum_log_marginals", "evaluate_pairs", "generation_metrics", "iwae_perplexity", "mauve_score",
     "rouge1", "LoRAConfig", "add_lora", "convert_gguf", "default_target_modules", "load_base_model",
     "resolve_device", "resolve_dtype", "smollm2_gguf_path", "LLM_PERTURBATIONS", "NeighbourSubstitution",
     "PerturbedCausalLM", "build_perturbed_lm", "embedding_scale", "encode_prompts", "make_llm_perturbation",
-    "tiny_gpt2", "tiny_model_and_tokenizer", "train_bpe_tokenizer",
+    "tiny_gpt2", "tiny_model_and_tokenizer", "train_bpe_tokenizer", "PairCorpus", "UserCorpus", "UserCorpusError",
+    "load_user_corpus",
 ]

@@ -17,6 +17,9 @@ Corpora (``CORPORA``), each a list of documents with a stable key:
 * ``python-stdlib`` (code): the ``.py`` files of the running Python's standard
   library (tests, site-packages and caches left out), key = relative path.
 
+A user's own corpus (a folder of text files, JSONL, parquet, a ``save_to_disk`` folder) is a
+:class:`~simstudy.llm.user_corpora.UserCorpus`; :func:`load_corpus` and :func:`make_pairs` accept it.
+
 A missing corpus raises :class:`CorpusNotFoundError`, whose one-line message
 names the command that installs it; :func:`check_corpora` checks a list before
 any work starts.
@@ -233,8 +236,13 @@ def corpus_root(name: str, root: str | Path | None = None) -> Path | None:
 def load_corpus(name: str, *, root: str | Path | None = None) -> Corpus:
     """Read a corpus's documents (see the module docstring); ``root`` overrides where it is looked for.
 
-    Raises :class:`CorpusNotFoundError` (one line, with the install command) when it is missing.
+    Raises :class:`CorpusNotFoundError` (one line, with the install command) when it is missing. A user's
+    corpus (a :class:`~simstudy.llm.user_corpora.UserCorpus` or its table) is read by ``load_user_corpus``.
     """
+    if not isinstance(name, str):  # a user's corpus reads itself (UserCorpus.load)
+        if not callable(getattr(name, "load", None)):
+            raise ValueError(f"corpus={name!r} is unknown; allowed: {', '.join(CORPORA)}, or a UserCorpus")
+        return name.load()
     if name not in CORPORA:
         raise ValueError(f"corpus={name!r} is unknown; allowed: {', '.join(CORPORA)}")
     where = corpus_root(name, root)
@@ -260,8 +268,8 @@ def check_corpora(names, roots: dict | None = None) -> None:
     for name in names:
         try:
             load_corpus(name, root=roots.get(name))
-        except CorpusNotFoundError as err:
-            problems.append(str(err))
+        except (CorpusNotFoundError, ValueError) as err:  # ValueError: a user's corpus read as configured
+            problems.append(str(err).splitlines()[0])
     if problems:
         raise CorpusNotFoundError("; ".join(problems))
 
@@ -325,6 +333,9 @@ def make_pairs(corpus: Corpus, tokenizer, *, split: str = "train", prompt_len: i
     pack : join documents with the end-of-text token (True) or keep windows inside documents.
     stride : tokens between window starts (default: the window length, no overlap).
     """
+    if callable(getattr(corpus, "token_pairs", None)):  # a user's ready-made rows (PairCorpus.token_pairs)
+        return corpus.token_pairs(tokenizer, split=split, prompt_len=prompt_len, continuation_len=continuation_len,
+                                  max_pairs=max_pairs, fractions=fractions, seed=seed)
     check_int("prompt_len", prompt_len, 1)
     check_int("continuation_len", continuation_len, 1)
     if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):

@@ -179,15 +179,15 @@ class GenerationResult:
 @torch.no_grad()
 def generation_metrics(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, tokenizer, *,
                        num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                       batch_size: int = 16, with_mauve: bool = True, rouge_tokenizer: str = "unicode",
-                       mauve_options: dict | None = None,
+                       top_p: float | None = None, batch_size: int = 16, with_mauve: bool = True,
+                       rouge_tokenizer: str = "unicode", mauve_options: dict | None = None,
                        generator: torch.Generator | None = None) -> GenerationResult:
     """Generate c = y.shape[1] tokens per prompt (ancestrally), then ROUGE-1 and MAUVE against y."""
     n, c = y.shape
     gens = []
     for s in range(0, n, batch_size):
         gens.append(generate(model, x[s:s + batch_size], max_new_tokens=c, num_samples=num_samples,
-                             temperature=temperature, top_k=top_k, generator=generator))  # (b, S, c)
+                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))  # (b, S, c)
     tokens = torch.cat(gens)  # (N, S, c)
     flat = tokens.reshape(n * num_samples, c)
     generated = tokenizer.batch_decode(flat.tolist(), skip_special_tokens=True)

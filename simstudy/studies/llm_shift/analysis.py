@@ -50,12 +50,18 @@ class ShiftData:
 
 
 def make_generate(model: ModelConfig, data: DataConfig, evaluation: EvalConfig):
-    """``generate(cond, rng)``: the fixed pairs of the condition, and seeds drawn from the replicate's stream."""
+    """``generate(cond, rng)``: the condition's pairs and seeds drawn from the replicate's stream (DESIGN §8).
+
+    With ``[data] train_pool`` the replicate draws its ``n_train`` training pairs from that many pairs of the
+    train split (after the seed, so a study without a pool draws the same seeds as before)."""
 
     def generate(cond: dict, rng: np.random.Generator) -> ShiftData:
         d = condition_data(data, cond)
         x, y, evals = condition_pairs(d, model)
         seed = int(rng.integers(2 ** 31 - 1))
+        if d.train_pool:  # each replicate its own training pairs: the MCSE covers data variation too
+            rows = torch.as_tensor(np.sort(rng.choice(d.train_pool, size=d.n_train, replace=False)))  # (n_train,)
+            x, y = x[rows], y[rows]
         return ShiftData(x=x, y=y, evals=evals, seed=seed, eval_seed=seed + evaluation.seed + 1)
 
     return generate

@@ -71,8 +71,10 @@ def _make_pairs(data: DataConfig, model: ModelConfig, corpus: str, root, splits:
 
 
 def condition_pairs(d: DataConfig, model: ModelConfig):
-    """``(x, y, evals)`` of a condition: the training pairs and ``label -> (x, y)`` of every evaluation split."""
-    x, y = token_pairs(d, model, d.train, ("train",), d.n_train, what="n_train")
+    """``(x, y, evals)`` of a condition: the training pairs (the pool of ``train_pool`` pairs when set) and
+    ``label -> (x, y)`` of every evaluation split."""
+    pool, what = (d.train_pool, "train_pool") if d.train_pool else (d.n_train, "n_train")
+    x, y = token_pairs(d, model, d.train, ("train",), pool, what=what)  # (pool, L), (pool, c)
     evals = {label: token_pairs(d, model, corpus, splits, d.n_eval, what="n_eval")
              for label, (corpus, splits) in d.splits.items()}
     return x, y, evals

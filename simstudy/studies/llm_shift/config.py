@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ...validation import check_bool, check_choice, check_int
+
+if TYPE_CHECKING:
+    from ...llm.user_corpora import UserCorpus
 
 __all__ = ["DESIGN_KEYS", "EVAL_SCOPES", "DataConfig", "EvalConfig", "ModelConfig", "condition_data"]
 
@@ -56,13 +60,17 @@ class ModelConfig:
 class DataConfig:
     """Corpora and (prompt, continuation) pairs (``[data]``)."""
 
-    train: str = field(default="wiki-en", metadata={"help": "in-domain corpus"})
+    train: str | UserCorpus = field(default="wiki-en", metadata={
+        "help": "in-domain corpus: a built-in name, or a table { path, format, text } (simstudy.llm.user_corpora)"})
     ood: dict = field(default_factory=lambda: {"de_fortunes": "fortunes-de", "de_reference": "debian-reference-de",
                                                "code": "python-stdlib"},
-                      metadata={"help": "out-of-domain label -> corpus"})
+                      metadata={"help": "out-of-domain label -> corpus (a name or a table)"})
     prompt_len: int = field(default=32, metadata={"help": "L, prompt tokens"})
     continuation_len: int = field(default=32, metadata={"help": "c, continuation tokens"})
     n_train: int = field(default=256, metadata={"help": "training pairs"})
+    train_pool: int = field(default=0, metadata={
+        "help": "pairs of the train split each replicate draws its n_train from without replacement (0: the same "
+                "n_train pairs in every replicate)"})
     n_eval: int = field(default=32, metadata={"help": "pairs per evaluation split"})
     n_generate: int = field(default=16, metadata={"help": "generation prompts per split (<= n_eval)"})
     split_seed: int = field(default=0, metadata={"help": "salt of the document hash"})
@@ -78,8 +86,10 @@ class DataConfig:
             self.ood = {str(c).replace("-", "_"): c for c in self.ood}
         if not isinstance(self.ood, dict):
             raise ValueError(f"ood={self.ood!r} is invalid; allowed: a table label = corpus, or a list of corpora")
-        for name in [self.train, *self.ood.values()]:
-            check_choice("corpus", name, CORPORA, word="unknown")
+        from ...llm.user_corpora import corpus_source  # a built-in name, or a user's corpus table
+
+        self.train = corpus_source(self.train, "train")
+        self.ood = {label: corpus_source(v, f"ood.{label}") for label, v in self.ood.items()}
         for label in self.ood:
             if not _LABEL.match(str(label)) or label in ("id", "ood"):
                 raise ValueError(f"ood label {label!r} is invalid; allowed: lower-case letters, digits and _, "
@@ -87,6 +97,10 @@ class DataConfig:
         for name, low in (("prompt_len", 1), ("continuation_len", 1), ("n_train", 1), ("n_eval", 2),
                           ("n_generate", 0), ("split_seed", 0)):
             check_int(name, getattr(self, name), low)
+        check_int("train_pool", self.train_pool, 0)
+        if 0 < self.train_pool < self.n_train:
+            raise ValueError(f"train_pool={self.train_pool} is invalid; allowed: 0 (no resampling) or an integer >= "
+                             f"n_train={self.n_train}")
         if self.n_generate == 1 or self.n_generate > self.n_eval:
             raise ValueError(f"n_generate={self.n_generate} is invalid; allowed: 0, or an integer in "
                              f"[2, n_eval={self.n_eval}]")
