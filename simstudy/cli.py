@@ -1,11 +1,12 @@
-"""Command line: ``simstudy run | summarize | plot | report | export | list | check`` (DESIGN §6, §7).
+"""Command line: ``simstudy run | summarize | plot | report | export | merge | list | check`` (DESIGN §6, §7).
 
 ``simstudy run`` without argument runs the built-in default study
 (:data:`simstudy.studies.spec.DEFAULT_STUDY`; the generic demo until the
 domain's quick study is registered) into ``results/quick/``. Every output
 directory is also the study's store, so re-running the same command resumes
 an interrupted run. Malformed input gives one line on stderr and exit
-status 2; Ctrl-C keeps every finished row and exits with status 130.
+status 2; Ctrl-C keeps every finished row and exits with status 130; a run
+stopped at ``--max-time`` keeps them too and exits with status 75 (:mod:`.cli_run_control`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_inputs import out_problem, positive, positive_or_all, scheduler_problem, target, write_failed
+from .cli_inputs import (max_replicates, out_problem, positive, positive_or_all, scheduler_problem, seconds, shard,
+                         target, target_mcse, write_failed)
 
 __all__ = ["main", "build_parser"]
 
@@ -76,6 +78,17 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--repair", action="store_true",
                    help="move damaged store files to OUT/damaged/ and recompute exactly their rows (without it, "
                         "damage stops the run with one line naming the file)")
+    r.add_argument("--target-mcse", nargs="+", type=target_mcse, default=None, metavar="MEASURE=MCSE",
+                   help="run in rounds until every condition's MCSE of MEASURE is at most MCSE (the first round has "
+                        "the study's replicates; simstudy.engine.precision), e.g. coverage=0.01")
+    r.add_argument("--max-replicates", type=max_replicates, default=None, metavar="N",
+                   help="with --target-mcse: at most N replicates per condition (default 100 x replicates)")
+    r.add_argument("--shard", type=shard, default=None, metavar="i/N",
+                   help="compute only shard i of N of the (condition, replicate) pairs into --out (an array job); "
+                        "combine the shards with simstudy merge")
+    r.add_argument("--max-time", type=seconds, default=None, metavar="SECONDS",
+                   help="launch no replicate after SECONDS; what finished is kept, exit status 75, and the same "
+                        "command continues")
     for name, text in (("summarize", "print and write summary.csv of a results directory"),
                        ("plot", "write figures/*.png of a results directory"),
                        ("report", "write report.md (and figures) of a results directory")):
@@ -94,6 +107,11 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
     e.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
     e.add_argument("--format", choices=["rsimsum"], default="rsimsum", help="table layout (default rsimsum)")
     e.add_argument("--out", default=None, help="CSV file to write (default: DIR/rsimsum.csv)")
+    g = sub.add_parser("merge", help="combine the shard stores of an array job into one store",
+                       description="Combine stores written by simstudy run --shard i/N (one study) into one store; "
+                                   "refuses stores of different studies and rows held twice.")
+    g.add_argument("dirs", nargs="+", metavar="DIR", help="shard store directories")
+    g.add_argument("--out", required=True, help="new directory for the merged store")
     sub.add_parser("list", help="list study kinds, built-in studies, DGMs, methods, equations")
     c = sub.add_parser("check", help="run the paper checks of DESIGN §6 (one verdict line each)",
                        description="Run paper checks: each states a claim, runs a study and decides with a rule "
@@ -132,6 +150,7 @@ def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool =
 
 def _cmd_run(args) -> int:
     from .engine import StoreBusyError, StoreDamagedError, StoreMismatchError
+    from .cli_run_control import format_precision, replicates_text, run_control, run_outcome
     from .engine.report import format_failures, format_summary
     from .studies.spec import SpecError, load_study_file
 
@@ -158,13 +177,18 @@ def _cmd_run(args) -> int:
         return _fail(problem)
     n_jobs = args.n_jobs or sf.run.get("n_jobs")
     progress = False if args.no_progress else None
+    control, problem = run_control(args)
+    if problem:
+        return _fail(problem)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*interrupted", category=RuntimeWarning)  # said below
+            warnings.filterwarnings("ignore", message=".*(interrupted|stopped at max_time)", category=RuntimeWarning)
             res = study.run(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=out, progress=progress,
-                            repair=args.repair)
+                            repair=args.repair, **control)  # the warnings are said below
     except (StoreMismatchError, StoreBusyError, StoreDamagedError, PermissionError) as exc:  # one line each
         return _fail(str(exc))
+    except ValueError as exc:  # a run-control value the study refuses (a --target-mcse measure it lacks)
+        return _fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:  # interrupted outside the replicate loop (setup, consolidation)
         print(f"simstudy: interrupted; finished rows are kept in {out}/ (run again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -178,12 +202,14 @@ def _cmd_run(args) -> int:
         print(f"simstudy: interrupted after {len(res.table)} of {res.expected_rows} rows; they are kept in {out}/ "
               "(run the same command again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if (status := run_outcome(res, args, out)) is not None:  # stopped at --max-time, or one shard
+        return status
     try:
         o = _outputs(res, out)
     except OSError as exc:
         return _fail(write_failed(out, exc))
     print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
-          f"{study.replicates} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
+          f"{replicates_text(res)} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
     for line in format_failures(res):
         print(line)
     summary = o["summary"]
@@ -193,6 +219,8 @@ def _cmd_run(args) -> int:
     print(format_summary(summary, max_rows=200))
     for r in o["rates"]:
         print(r.summary())
+    if res.precision is not None:
+        print(format_precision(res.precision))
     print(f"wrote {out}/replicates.parquet, summary.csv, report.md, figures/ ({len(o['figures'])} png)")
     return 0
 
@@ -288,6 +316,12 @@ def _cmd_export(args) -> int:
     return cmd_export(args)
 
 
+def _cmd_merge(args) -> int:
+    from .cli_merge import cmd_merge
+
+    return cmd_merge(args)
+
+
 def _cmd_list(args) -> int:
     from .checks.base import listing
     from .studies.spec import listings
@@ -333,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or one-line usage error (2)
         return int(exc.code or 0)
     handler = {"check": _cmd_check, "run": _cmd_run, "summarize": _cmd_summarize, "plot": _cmd_plot, "report": _cmd_report,
-               "list": _cmd_list, "export": _cmd_export}[args.command]
+               "list": _cmd_list, "export": _cmd_export, "merge": _cmd_merge}[args.command]
     return handler(args)
 
 

@@ -5,13 +5,14 @@ Each returns (or raises, for argparse types) one line naming the flag, the value
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
 from pathlib import Path
 
-__all__ = ["SCHEDULER_TIMEOUT", "out_problem", "positive", "positive_or_all", "scheduler_problem", "target",
-           "write_failed"]
+__all__ = ["SCHEDULER_TIMEOUT", "max_replicates", "out_problem", "positive", "positive_or_all", "scheduler_problem",
+           "seconds", "shard", "target", "target_mcse", "write_failed"]
 
 SCHEDULER_TIMEOUT = 3.0  # seconds to wait for a dask scheduler before saying it is unreachable
 _ADDRESS = re.compile(r"^(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):([0-9]+)/?$")
@@ -27,7 +28,7 @@ def positive_or_all(text: str) -> int:
     return v
 
 
-def positive(text: str) -> int:
+def positive(text: str, flag: str = "--replicates") -> int:
     from .studies.tables import MAX_REPLICATES
 
     try:
@@ -35,7 +36,48 @@ def positive(text: str) -> int:
     except ValueError:
         v = 0
     if not 1 <= v <= MAX_REPLICATES:
-        raise argparse.ArgumentTypeError(f"--replicates={text!r} is invalid; allowed: an integer >= 1 and <= {MAX_REPLICATES}")
+        raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid; allowed: an integer >= 1 and <= {MAX_REPLICATES}")
+    return v
+
+
+def max_replicates(text: str) -> int:
+    """``--max-replicates N``: the cap of a precision target."""
+    return positive(text, "--max-replicates")
+
+
+def target_mcse(text: str) -> tuple[str, float]:
+    """``--target-mcse MEASURE=MCSE`` -> (measure, MCSE > 0); the measure is checked against the study later."""
+    name, sep, value = text.partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not sep or not name.strip() or not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"--target-mcse={text!r} is invalid; allowed: MEASURE=MCSE with an MCSE "
+                                         "> 0, e.g. coverage=0.01")
+    return name.strip(), v
+
+
+def shard(text: str):
+    """``--shard i/N`` (1 <= i <= N) -> :class:`simstudy.engine.plan.Shard`."""
+    from .engine.plan import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard={text!r} is invalid; allowed: i/N with 1 <= i <= N, e.g. "
+                                         "--shard 3/8 (Slurm: --shard ${SLURM_ARRAY_TASK_ID}/8 with --array=1-8)") from None
+
+
+def seconds(text: str) -> float:
+    """``--max-time SECONDS`` -> a number of seconds >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"--max-time={text!r} is invalid; allowed: a number of seconds >= 0, "
+                                         "e.g. --max-time 3600")
     return v
 
 

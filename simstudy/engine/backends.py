@@ -91,8 +91,10 @@ def _run_chunk_dask(payload, items: Sequence[tuple]) -> tuple[list, float]:
 class _Chunker:
     """Hands out consecutive chunks of items sized to take about ``target`` seconds."""
 
-    def __init__(self, items: Sequence, target: float, fixed: int | None = None, max_size: int = 1000):
+    def __init__(self, items: Sequence, target: float, fixed: int | None = None, max_size: int = 1000,
+                 deadline: float | None = None):
         self.items, self.target, self.fixed, self.max_size = items, target, fixed, max_size
+        self.deadline = deadline  # time.monotonic() after which no chunk is handed out (a run's max_time)
         self.pos = 0
         self.seconds = 0.0
         self.count = 0
@@ -102,7 +104,7 @@ class _Chunker:
         self.seconds += seconds
 
     def next(self) -> list | None:
-        if self.pos >= len(self.items):
+        if self.pos >= len(self.items) or (self.deadline is not None and time.monotonic() >= self.deadline):
             return None
         if self.fixed is not None:
             size = self.fixed
@@ -118,7 +120,7 @@ class _Chunker:
 
 def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str, scheduler: str | None,
             batch_size: int | None, on_rows: Callable[[list], None], on_items: Callable[[int], None],
-            target_seconds: float = 0.5) -> None:
+            target_seconds: float = 0.5, deadline: float | None = None) -> None:
     """Run every item and report rows as they finish.
 
     Parameters
@@ -140,6 +142,9 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
         Called with the number of items just finished (progress).
     target_seconds : float
         Target duration of an adaptive chunk.
+    deadline : float, optional
+        ``time.monotonic()`` after which no new item is launched (those running finish and are reported);
+        the caller tells a finished run from a stopped one by the items reported.
 
     Raises
     ------
@@ -161,16 +166,18 @@ def execute(payload, items: Sequence[tuple], *, n_jobs: int | None, backend: str
     with terminate_as_exit():
         if backend == "dask":
             _execute_dask(payload, items, n_jobs=n_jobs, scheduler=scheduler, batch_size=batch_size,
-                          on_rows=on_rows, on_items=on_items, target_seconds=target_seconds)
+                          on_rows=on_rows, on_items=on_items, target_seconds=target_seconds, deadline=deadline)
             return
         workers = _cpu_count() if n_jobs == -1 else (n_jobs or 1)
         if workers == 1:  # in this process: a replicate that kills its process ends the run (kept rows resume)
             for item in items:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 on_rows(run_batch(payload, [item]))
                 on_items(1)
             return
         _execute_loky(payload, items, workers=workers, batch_size=batch_size, on_rows=on_rows, on_items=on_items,
-                      target_seconds=target_seconds)
+                      target_seconds=target_seconds, deadline=deadline)
 
 
 def _cloudpickle():
@@ -256,10 +263,10 @@ class _LokyPool(Pool):
             self.executor.shutdown(wait=False, kill_workers=True)
 
 
-def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds) -> None:
+def _execute_loky(payload, items, *, workers, batch_size, on_rows, on_items, target_seconds, deadline) -> None:
     warnings.filterwarnings("ignore", message=_LOKY_IDLE_WORKER, category=UserWarning)
-    drive(_LokyPool(payload, workers), payload, _Chunker(items, target_seconds, batch_size), workers, on_rows,
-          on_items)
+    drive(_LokyPool(payload, workers), payload, _Chunker(items, target_seconds, batch_size, deadline=deadline),
+          workers, on_rows, on_items)
 
 
 class _DaskPool(Pool):
@@ -293,7 +300,8 @@ class _DaskPool(Pool):
         self.client.cancel(futures)
 
 
-def _execute_dask(payload, items, *, n_jobs, scheduler, batch_size, on_rows, on_items, target_seconds) -> None:
+def _execute_dask(payload, items, *, n_jobs, scheduler, batch_size, on_rows, on_items, target_seconds,
+                  deadline) -> None:
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - optional dependency
@@ -311,8 +319,8 @@ def _execute_dask(payload, items, *, n_jobs, scheduler, batch_size, on_rows, on_
         client = Client(scheduler)
     try:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
-        drive(_DaskPool(client, payload), payload, _Chunker(items, target_seconds, batch_size), workers, on_rows,
-              on_items)
+        drive(_DaskPool(client, payload), payload, _Chunker(items, target_seconds, batch_size, deadline=deadline),
+              workers, on_rows, on_items)
     finally:
         client.close()
         if cluster is not None:

@@ -17,6 +17,7 @@ import pandas as pd
 from . import performance
 from .design import conditions_frame
 from .design_columns import with_design
+from .plan import planned_rows
 from .rates import RateResult, fit_rate
 from .storage import MANIFEST, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
 from .summary_view import StudySummary
@@ -51,6 +52,10 @@ class StudyResult:
         self.manifest = manifest
         self.timings = timings
         self.interrupted = bool(interrupted)
+        #: The run stopped at its ``max_time`` (:mod:`.runner`); the table is partial, a re-run continues.
+        self.out_of_time = False
+        #: With a precision target: replicates used and MCSE reached per condition (:mod:`.precision`).
+        self.precision: pd.DataFrame | None = None
         #: Measures of your own given as Python objects (``Study(measures=)``); study-file ones live in options.
         self.measures: dict = {}
 
@@ -82,7 +87,8 @@ class StudyResult:
 
     @property
     def expected_rows(self) -> int:
-        return len(self.manifest["conditions"]) * int(self.manifest["replicates"]) * len(self.methods)
+        """Rows of the complete study (or shard; replicates per condition where they differ: :mod:`.plan`)."""
+        return planned_rows(self.manifest)
 
     @property
     def complete(self) -> bool:

@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from . import backends
 from . import seeds as _seeds
 from .callables import normalise_methods
 from .design import expand_design, factor_names
 from .design_columns import reserved_names
 from .errors import TruthError
 from .result import StudyResult
-from .extension import import_other_counts, smaller_versions
-from .repair import repair_store
 from .limits import check_limits
 from .performance import user_measures
-from .storage import Store, callable_fingerprint, config_hash
-from .tidy import finalise, raw_frame
+from .storage import callable_fingerprint, config_hash
+from .tidy import finalise
 from .worker import Payload, check_truth_value, run_batch, wants_rng
 
 __all__ = ["Study"]
@@ -67,7 +62,8 @@ class Study:
     analyse : dict, list or callable
         Methods, ``name -> fn(data, cond) -> dict`` of named scalars. A method
         whose signature has an ``rng`` parameter is also passed its own
-        Generator. Raise :class:`~simstudy.engine.FitFailure` (or any
+        Generator, one with a ``ctx`` parameter its position and a folder
+        for files (:mod:`simstudy.engine.artifacts`). Raise :class:`~simstudy.engine.FitFailure` (or any
         exception with a ``status`` attribute) to record a typed failure.
         Returned names ``est``, ``est_se``, ``est_ci_low``, ``est_ci_high``,
         ``est_pvalue`` attach a standard error, interval and p-value to the
@@ -259,8 +255,10 @@ class Study:
     # -- running -------------------------------------------------------------------------------------------
     def run(self, n_jobs: int | None = None, *, backend: str = "loky", scheduler: str | None = None,
             store: str | os.PathLike | None = None, progress: bool | None = None, flush_seconds: float = 2.0,
-            batch_size: int | None = None, repair: bool = False) -> "StudyResult":
-        """Run (or resume) the study.
+            batch_size: int | None = None, repair: bool = False, max_time: float | None = None,
+            shard: str | tuple | None = None, target_mcse: Mapping[str, float] | None = None,
+            max_replicates: int | None = None) -> "StudyResult":
+        """Run (or resume) the study (the runner: :mod:`simstudy.engine.runner`).
 
         Parameters
         ----------
@@ -277,7 +275,8 @@ class Study:
         store : path, optional
             Directory for kill-safe storage and resume (see
             :mod:`simstudy.engine.storage`). Rows already stored are skipped;
-            a directory holding another study is refused.
+            a directory holding another study is refused. Methods with a ``ctx``
+            parameter keep files there (:mod:`simstudy.engine.artifacts`).
         progress : bool, optional
             Show a tqdm progress bar; default: when stderr is a terminal.
         flush_seconds : float
@@ -288,103 +287,37 @@ class Study:
             :mod:`simstudy.engine.backends`).
         repair : bool
             Move damaged store files aside, recompute their rows (:mod:`simstudy.engine.repair`).
+        max_time : float, optional
+            Seconds after which no replicate is launched; those running finish and are stored, the result
+            has ``out_of_time=True``, and a re-run continues.
+        shard : str or (int, int), optional
+            ``"i/N"``: compute only shard i of N of the (condition, replicate) pairs into ``store``; combine
+            the shard stores with :func:`simstudy.engine.shards.merge_stores` (``simstudy merge``).
+        target_mcse : dict, optional
+            Measure -> MCSE: run in rounds until every condition's MCSE of each measure is at or below it
+            (the first round has ``replicates``); see :mod:`simstudy.engine.precision`.
+        max_replicates : int, optional
+            With ``target_mcse``: the cap per condition (default 100 x ``replicates``).
 
         Returns
         -------
         StudyResult
             The tidy table and performance measures. After Ctrl-C the run
             stops cleanly, keeps (and stores) every finished row, warns, and
-            returns a partial result with ``interrupted=True``.
+            returns a partial result with ``interrupted=True``; with a precision
+            target, ``precision`` holds the replicates used and MCSE reached per condition.
         """
-        if backend not in ("loky", "dask"):
-            raise ValueError(f"backend={backend!r} is invalid; allowed: 'loky' or 'dask'")
-        if scheduler is not None and backend != "dask":
-            raise ValueError(f"scheduler={scheduler!r} is invalid with backend={backend!r}; allowed: only with "
-                             "backend='dask'")
-        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer))
-                                   or n_jobs == 0 or n_jobs < -1):
-            raise ValueError(f"n_jobs={n_jobs!r} is invalid; allowed: None, -1 or an integer >= 1")
-        if not (isinstance(flush_seconds, (int, float)) and flush_seconds >= 0):
-            raise ValueError(f"flush_seconds={flush_seconds!r} is invalid; allowed: a number >= 0")
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: None or an integer >= 1")
-        names = list(self.methods)
-        manifest = self.manifest()
-        if repair and store is not None:
-            repair_store(store, self)
-        st = Store(store, manifest, extends=smaller_versions(store, self.replicates, self._at_count)).open() if store is not None else None
-        try:
-            if st is not None:
-                import_other_counts(st, self.replicates, self._at_count)
-            stored = st.rows() if st is not None else None
-            done: dict[tuple[int, int], set] = {}
-            if stored is not None and len(stored):
-                for c, r, m in zip(stored["condition"].to_numpy(), stored["replicate"].to_numpy(),
-                                   stored["method"].to_numpy()):
-                    done.setdefault((int(c), int(r)), set()).add(str(m))
-            items = []
-            for c in range(len(self.conditions)):
-                for r in range(self.replicates):
-                    have = done.get((c, r), ())
-                    todo = tuple(i for i, m in enumerate(names) if m not in have)
-                    if todo:
-                        items.append((c, r, todo))
-            if st is not None:  # a read-only store: refused before anything runs
-                st.require_writable(len(items))
-            new_rows: list[dict] = []
-            buffer: list[dict] = []
-            last_flush = [time.monotonic()]
+        from .runner import RunOptions, run_study
 
-            def flush() -> None:
-                if st is not None and buffer:
-                    st.write_chunk(raw_frame(buffer))
-                    buffer.clear()
-                last_flush[0] = time.monotonic()
+        opts = RunOptions(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=store, progress=progress,
+                          flush_seconds=flush_seconds, batch_size=batch_size, repair=repair, max_time=max_time,
+                          shard=shard)
+        if target_mcse is None:
+            if max_replicates is not None:
+                raise ValueError(f"max_replicates={max_replicates!r} is invalid without target_mcse; allowed: "
+                                 "target_mcse={'MEASURE': MCSE} with it, or replicates= for a fixed count")
+            return run_study(self, opts)
+        from .precision import PrecisionTarget, run_to_precision
 
-            def on_rows(rows: list[dict]) -> None:
-                new_rows.extend(rows)
-                if st is not None:
-                    buffer.extend(rows)
-                    if time.monotonic() - last_flush[0] >= flush_seconds:
-                        flush()
-
-            interrupted = False
-            if items:
-                show = (sys.stderr.isatty() if progress is None else bool(progress))
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(items), disable=not show, unit="rep", desc=self.name, file=sys.stderr,
-                           dynamic_ncols=True, smoothing=0.05)
-                try:
-                    backends.execute(self._payload(), items, n_jobs=n_jobs, backend=backend, scheduler=scheduler,
-                            batch_size=batch_size, on_rows=on_rows, on_items=bar.update)
-                except KeyboardInterrupt:
-                    interrupted = True
-                finally:
-                    bar.close()
-                    flush()
-            raw = [stored] if stored is not None and len(stored) else []
-            if new_rows:
-                raw.append(raw_frame(new_rows))
-            all_rows = (pd.concat(raw, ignore_index=True, sort=False) if len(raw) > 1 else
-                        raw[0] if raw else raw_frame([]))
-            fin = finalise(all_rows, self.conditions, names, self.truths())
-            expected = len(self.conditions) * self.replicates * len(names)
-            complete = len(fin.table) == expected
-            if st is not None and complete and (items or not st.manifest.get("complete")):
-                st.consolidate(fin.raw)
-            if st is not None:
-                manifest["complete"] = bool(st.manifest.get("complete"))
-                for key in ("imported", "extended_from"):  # where the rows not computed by this run came from
-                    if key in st.manifest:
-                        manifest[key] = st.manifest[key]
-            if interrupted:
-                warnings.warn(f"study {self.name!r} interrupted: {len(fin.table)} of {expected} rows finished"
-                              + (f" and stored in {str(store)!r}; run again to resume" if st is not None
-                                 else "; pass store= to keep them across runs"), RuntimeWarning, stacklevel=2)
-            result = StudyResult(fin.table, manifest=manifest, timings=fin.timings, interrupted=interrupted)
-            result.measures = self.measures  # callables: summary() adds them (simstudy.engine.user_measures)
-            return result
-        finally:
-            if st is not None:
-                st.close()
+        cap = 100 * self.replicates if max_replicates is None else max_replicates
+        return run_to_precision(self, opts, PrecisionTarget(targets=target_mcse, max_replicates=cap))

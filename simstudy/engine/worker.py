@@ -35,10 +35,11 @@ import pandas as pd
 
 from . import limits as _limits
 from . import seeds as _seeds
+from .artifacts import ReplicateContext
 from .design import RESERVED_COLUMNS
 
 __all__ = ["ENGINE_COLUMNS", "Payload", "convert_output", "make_row", "run_batch", "run_one", "to_value",
-           "wants_rng"]
+           "wants_param", "wants_rng"]
 
 _MESSAGE_MAX = 500
 #: Columns the engine writes besides RESERVED_COLUMNS (only when some row warned); no method may return them.
@@ -59,14 +60,25 @@ class Payload:
     copy_data: bool
     timeout: float | None = None  # seconds per replicate (generate + methods)
     promote: tuple = ()  # names of warning classes raised as errors (status "warning")
+    artifacts: str | None = None  # the store's artifacts folder (.artifacts); None: no store
+    contexts: tuple = ()  # per method: whether it takes ``ctx`` (filled from the signatures)
+
+    def __post_init__(self):
+        if len(self.contexts) != len(self.methods):
+            object.__setattr__(self, "contexts", tuple(wants_param(fn, "ctx") for _, fn, _ in self.methods))
 
 
-def wants_rng(fn: Callable) -> bool:
+def wants_param(fn: Callable, name: str) -> bool:
+    """Whether ``fn``'s signature has a parameter ``name`` (``rng``, ``ctx``: passed by keyword)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "rng" in params
+    return name in params
+
+
+def wants_rng(fn: Callable) -> bool:
+    return wants_param(fn, "rng")
 
 
 def _where(exc: BaseException) -> str:
@@ -185,6 +197,13 @@ def make_row(c: int, r: int, method: str, status: str, message: str, seconds: fl
             "_seconds": seconds}
 
 
+def _keywords(seed: int, c: int, r: int, m: int, rng: bool, ctx: ReplicateContext | None) -> Callable[[], dict]:
+    """The keyword arguments of a method call: its own ``rng`` and its ``ctx`` (:mod:`.artifacts`), if it takes them."""
+    if not rng and ctx is None:
+        return dict
+    return lambda: {**({"rng": _seeds.method_rng(seed, c, r, m)} if rng else {}), **({"ctx": ctx} if ctx is not None else {})}
+
+
 def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> list[dict]:
     """Run the listed methods on replicate ``r`` of condition ``c``; one row per method."""
     seed = payload.seed
@@ -216,17 +235,22 @@ def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> 
             t1 = time.perf_counter()
             # Methods must all see the same data, also on resume where only some run: copy for all but the last.
             copy_it = payload.copy_data and pos < last
+            ctx = ReplicateContext(c, r, name, payload.artifacts) if payload.contexts[m] else None
             try:
                 out, more = _call(payload, fn, (seed, c, r, m),
                                   lambda: (copy.deepcopy(data) if copy_it else data, dict(cond)),
-                                  (lambda: {"rng": _seeds.method_rng(seed, c, r, m)}) if wants_rng else dict,
-                                  promoted, None if end is None else end - t1)
+                                  _keywords(seed, c, r, m, wants_rng, ctx), promoted, None if end is None else end - t1)
                 caught += more
                 status, message, values = convert_output(out, payload.factors)
             except _limits.ReplicateTimeout:
                 status, message, values = "timeout", _timeout_message(payload, ""), {}
             except Exception as exc:  # noqa: BLE001
                 status, message, values = _status_of(exc, promoted), _message(exc), {}
+            if ctx is not None and status != "timeout":  # after a timeout the method may still be writing
+                try:
+                    ctx.publish()
+                except OSError as exc:
+                    status, message = "error", f"artifacts: {type(exc).__name__}: {exc}"
             row = make_row(c, r, name, status, message, time.perf_counter() - t1 + gen_seconds)
             row.update(values)
         if caught:
