@@ -16,8 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_inputs import (max_replicates, out_problem, positive, positive_or_all, scheduler_problem, seconds, shard,
-                         target, target_mcse, write_failed)
+from .cli_inputs import (figure_format, max_replicates, out_problem, positive, positive_or_all, scheduler_problem,
+                         seconds, shard, target, target_mcse, write_failed)
 
 __all__ = ["main", "build_parser"]
 
@@ -89,12 +89,17 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--max-time", type=seconds, default=None, metavar="SECONDS",
                    help="launch no replicate after SECONDS; what finished is kept, exit status 75, and the same "
                         "command continues")
+    r.add_argument("--figure-format", action="append", type=figure_format, default=None, metavar="FORMATS",
+                   help="figure formats, comma separated or repeated: png (default), svg, e.g. png,svg")
     for name, text in (("summarize", "print and write summary.csv of a results directory"),
-                       ("plot", "write figures/*.png of a results directory"),
-                       ("report", "write report.md (and figures) of a results directory")):
+                       ("plot", "write figures/*.png (and .svg) of a results directory"),
+                       ("report", "write report.md, report.html (and figures) of a results directory")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("dir", help="results directory (written by simstudy run or StudyResult.save)")
         s.add_argument("--out", default=None, help="write there instead of into DIR (e.g. DIR is read-only)")
+        if name != "summarize":
+            s.add_argument("--figure-format", action="append", type=figure_format, default=None, metavar="FORMATS",
+                           help="figure formats, comma separated or repeated: png (default), svg, e.g. png,svg")
         if name == "summarize":
             s.add_argument("--measures", nargs="+", default=[], metavar="NAME=MODULE:FUNCTION[@MCSE]",
                            help="add measures of your own without recomputing a replicate; MCSE: jackknife "
@@ -135,22 +140,22 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool = True) -> dict:
-    from .engine.report import write_report as _write_report
+def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool = True, formats=None) -> dict:
+    from .engine.report_html import write_reports as _write_report  # report.md and report.html
     from .engine.storage import atomic_write_text
 
     summary = res.summary()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     rates = res.rates() if len(res.table) else []
-    figures = res.plot(out / "figures") if (write_figures and len(res.table)) else []
+    figures = res.plot(out / "figures", formats=formats or "png") if (write_figures and len(res.table)) else []
     report = _write_report(res, out, figures=figures, summary=summary, rates=rates) if write_report else None
     return {"summary": summary, "rates": rates, "figures": figures, "report": report}
 
 
 def _cmd_run(args) -> int:
     from .engine import StoreBusyError, StoreDamagedError, StoreMismatchError
-    from .cli_run_control import format_precision, replicates_text, run_control, run_outcome
+    from .cli_run_control import figure_formats_of, format_precision, replicates_text, run_control, run_outcome
     from .engine.report import format_failures, format_summary
     from .studies.spec import SpecError, load_study_file
 
@@ -177,7 +182,7 @@ def _cmd_run(args) -> int:
         return _fail(problem)
     n_jobs = args.n_jobs or sf.run.get("n_jobs")
     progress = False if args.no_progress else None
-    control, problem = run_control(args)
+    control, problem = run_control(args, sf.run)
     if problem:
         return _fail(problem)
     try:
@@ -202,10 +207,10 @@ def _cmd_run(args) -> int:
         print(f"simstudy: interrupted after {len(res.table)} of {res.expected_rows} rows; they are kept in {out}/ "
               "(run the same command again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if (status := run_outcome(res, args, out)) is not None:  # stopped at --max-time, or one shard
+    if (status := run_outcome(res, args, out, control["max_time"])) is not None:  # stopped at max_time, or a shard
         return status
     try:
-        o = _outputs(res, out)
+        o = _outputs(res, out, formats=figure_formats_of(args, sf.run))
     except OSError as exc:
         return _fail(write_failed(out, exc))
     print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
@@ -221,7 +226,9 @@ def _cmd_run(args) -> int:
         print(r.summary())
     if res.precision is not None:
         print(format_precision(res.precision))
-    print(f"wrote {out}/replicates.parquet, summary.csv, report.md, figures/ ({len(o['figures'])} png)")
+    kinds = ", ".join(sorted({p.suffix[1:] for p in getattr(o["figures"], "files", [])})) or "none"
+    print(f"wrote {out}/replicates.parquet, summary.csv, report.md, report.html, figures/ ({len(o['figures'])} "
+          f"figures: {kinds})")
     return 0
 
 
@@ -286,7 +293,7 @@ def _cmd_plot(args) -> int:
     if problem:
         return _fail(problem)
     try:
-        figs = res.plot(out / "figures")
+        figs = res.plot(out / "figures", formats=args.figure_format or "png")
     except OSError as exc:
         return _fail(write_failed(out, exc))
     for title, path in figs:
@@ -303,10 +310,11 @@ def _cmd_report(args) -> int:
     if problem:
         return _fail(problem)
     try:
-        o = _outputs(res, out, write_figures=bool(len(res.table)))
+        o = _outputs(res, out, write_figures=bool(len(res.table)), formats=args.figure_format)
     except OSError as exc:
         return _fail(write_failed(out, exc))
     print(o["report"])
+    print(o["report"].with_name("report.html"))
     return 0
 
 

@@ -11,8 +11,8 @@ import re
 import socket
 from pathlib import Path
 
-__all__ = ["SCHEDULER_TIMEOUT", "max_replicates", "out_problem", "positive", "positive_or_all", "scheduler_problem",
-           "seconds", "shard", "target", "target_mcse", "write_failed"]
+__all__ = ["SCHEDULER_TIMEOUT", "figure_format", "max_replicates", "out_problem", "positive", "positive_or_all",
+           "scheduler_problem", "seconds", "shard", "target", "target_mcse", "write_failed"]
 
 SCHEDULER_TIMEOUT = 3.0  # seconds to wait for a dask scheduler before saying it is unreachable
 _ADDRESS = re.compile(r"^(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):([0-9]+)/?$")
@@ -67,6 +67,18 @@ def shard(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shard={text!r} is invalid; allowed: i/N with 1 <= i <= N, e.g. "
                                          "--shard 3/8 (Slurm: --shard ${SLURM_ARRAY_TASK_ID}/8 with --array=1-8)") from None
+
+
+def figure_format(text: str) -> str:
+    """``--figure-format png,svg`` (or given twice): the text, once its formats are known ones
+    (:func:`simstudy.engine.figures.figure_formats`)."""
+    from .engine.figures import figure_formats
+
+    try:
+        figure_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names the flag
+    return text
 
 
 def seconds(text: str) -> float:

@@ -10,27 +10,40 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["EXIT_OUT_OF_TIME", "format_precision", "replicates_text", "run_control", "run_outcome"]
+__all__ = ["EXIT_OUT_OF_TIME", "figure_formats_of", "format_precision", "replicates_text", "run_control",
+           "run_outcome"]
 
 #: Exit status of a run stopped at --max-time (sysexits.h EX_TEMPFAIL: the same command continues it).
 EXIT_OUT_OF_TIME = 75
 
 
-def run_control(args) -> tuple[dict, str | None]:
-    """(keyword arguments for ``Study.run``, None) or ({}, the one-line problem) from the parsed flags."""
-    if args.max_replicates is not None and not args.target_mcse:
-        return {}, (f"--max-replicates={args.max_replicates} needs --target-mcse; allowed: --target-mcse "
+def run_control(args, file_run: dict | None = None) -> tuple[dict, str | None]:
+    """(keyword arguments for ``Study.run``, None) or ({}, the one-line problem) from the parsed flags and the
+    study file's ``[run]`` table (``file_run``: target_mcse, max_replicates, max_time; a flag overrides its key,
+    ``--target-mcse`` the whole table)."""
+    file_run = file_run or {}
+    targets = dict(args.target_mcse) if args.target_mcse else dict(file_run.get("target_mcse") or {})
+    if args.target_mcse and len(targets) < len(args.target_mcse):
+        return {}, f"--target-mcse names a measure twice ({args.target_mcse}); allowed: each measure once"
+    cap = args.max_replicates if args.max_replicates is not None else file_run.get("max_replicates")
+    cap_label = "--max-replicates" if args.max_replicates is not None else "run.max_replicates"
+    if cap is not None and not targets:
+        return {}, (f"{cap_label}={cap} needs --target-mcse (or [run] target_mcse); allowed: --target-mcse "
                     "MEASURE=MCSE --max-replicates N, or --replicates N for a fixed count")
-    if args.shard is not None and args.target_mcse:
-        return {}, (f"--shard={args.shard} is invalid with --target-mcse; allowed: one or the other (a precision "
+    if args.shard is not None and targets:
+        source = "--target-mcse" if args.target_mcse else "run.target_mcse"
+        return {}, (f"--shard={args.shard} is invalid with {source}; allowed: one or the other (a precision "
                     "target needs every replicate of a condition to decide)")
-    kwargs = {"max_time": args.max_time, "shard": args.shard}
-    if args.target_mcse:
-        targets = dict(args.target_mcse)
-        if len(targets) < len(args.target_mcse):
-            return {}, f"--target-mcse names a measure twice ({args.target_mcse}); allowed: each measure once"
-        kwargs.update(target_mcse=targets, max_replicates=args.max_replicates)
+    max_time = args.max_time if args.max_time is not None else file_run.get("max_time")
+    kwargs = {"max_time": max_time, "shard": args.shard}
+    if targets:
+        kwargs.update(target_mcse=targets, max_replicates=cap)
     return kwargs, None
+
+
+def figure_formats_of(args, file_run: dict | None = None):
+    """The figure formats of a run: ``--figure-format``, else ``[run] figure_format``, else PNG."""
+    return args.figure_format or (file_run or {}).get("figure_format") or "png"
 
 
 def replicates_text(res) -> str:
@@ -52,12 +65,15 @@ def format_precision(table) -> str:
     return head + "\n" + shown.assign(status=flag).to_string(index=False)
 
 
-def run_outcome(res, args, out: Path) -> int | None:
-    """The exit status of a run stopped at --max-time or of a shard, after saying so; None for a whole run."""
+def run_outcome(res, args, out: Path, max_time: float | None = None) -> int | None:
+    """The exit status of a run stopped at --max-time (or ``[run] max_time``: ``max_time``) or of a shard, after
+    saying so; None for a whole run."""
     if res.out_of_time:
         if res.precision is not None:
             print(format_precision(res.precision))
-        print(f"simstudy: stopped at --max-time {args.max_time:g} s after {len(res.table)} of {res.expected_rows} "
+        limit = args.max_time if args.max_time is not None else max_time
+        label = "--max-time" if args.max_time is not None else "run.max_time"
+        print(f"simstudy: stopped at {label} {limit:g} s after {len(res.table)} of {res.expected_rows} "
               f"rows; they are kept in {out}/ (run the same command again to continue; exit status "
               f"{EXIT_OUT_OF_TIME})", file=sys.stderr)
         return EXIT_OUT_OF_TIME

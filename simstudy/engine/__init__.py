@@ -15,9 +15,11 @@ Modules: :mod:`.design` (grids), :mod:`.seeds` (positional streams, thread
 pinning), :mod:`.study` (Study, the replicate runner), :mod:`.backends`
 (in-process, loky, dask), :mod:`.storage` (kill-safe store, resume, config
 hash), :mod:`.performance` (measures with MCSE), :mod:`.rates` (WLS rates),
-:mod:`.result` (StudyResult), :mod:`.plots`, :mod:`.report`; run control: :mod:`.runner` (Study.run's body,
-``max_time``), :mod:`.plan` (which pairs a run computes), :mod:`.precision` (replicate to a target MCSE),
-:mod:`.shards` (array jobs, merge), :mod:`.artifacts` (per-replicate files, ``ctx.artifact_dir``).
+:mod:`.result` (StudyResult), :mod:`.plots`, :mod:`.loop_plot` and :mod:`.heatmap` (many conditions),
+:mod:`.figures`, :mod:`.report`, :mod:`.report_html` (self-contained report.html); run control:
+:mod:`.runner` (Study.run's body, ``max_time``), :mod:`.plan` (which pairs a run computes),
+:mod:`.precision` (replicate to a target MCSE), :mod:`.shards` (array jobs, merge), :mod:`.artifacts`
+(per-replicate files, ``ctx.artifact_dir``).
 """
 from .design import conditions_frame, expand_design
 from .errors import (Diverged, FitFailure, StoreBusyError, StoreDamagedError, StoreMismatchError, StoreReadOnlyError,

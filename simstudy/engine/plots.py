@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.collections import LineCollection
@@ -22,7 +23,7 @@ from .storage import atomic_write_bytes
 from .tidy import companion_columns
 
 __all__ = ["COLORS", "save_figure", "rate_plot", "measure_plot", "bias_plot", "zip_plot", "extrapolation_plot",
-           "condition_labels"]
+           "condition_labels", "summary_factors", "measure_rows"]
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
@@ -41,6 +42,28 @@ def condition_labels(frame: pd.DataFrame, factors: Sequence[str]) -> pd.Series:
     if not vary:
         return pd.Series(["all"] * len(frame), index=frame.index)
     return frame[vary].astype(str).apply(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1)
+
+
+def summary_factors(summary: pd.DataFrame) -> list[str]:
+    """The design factors of a :meth:`StudyResult.summary` frame: its columns between ``condition`` and
+    ``method``."""
+    cols = list(summary.columns)
+    return cols[cols.index("condition") + 1:cols.index("method")]
+
+
+def measure_rows(summary: pd.DataFrame, measure: str, estimand: str | None = None) -> pd.DataFrame:
+    """The summary rows of one measure of one estimand (default: the first estimand with that measure);
+    ValueError naming what is allowed when there are none."""
+    s = summary[summary["measure"] == measure]
+    if estimand is None:
+        if not len(s):
+            raise ValueError(f"measure={measure!r} is invalid; allowed: one of {sorted(summary['measure'].unique())}")
+        estimand = s["estimand"].iloc[0]
+    s = s[s["estimand"] == estimand]
+    if not len(s):
+        raise ValueError(f"estimand={estimand!r} has no {measure!r} rows; allowed: one of "
+                         f"{sorted(summary.loc[summary['measure'] == measure, 'estimand'].unique())}")
+    return s
 
 
 def rate_plot(rate: RateResult, ax=None, *, z: float = 1.96, title: str | None = None) -> Figure:
@@ -133,18 +156,10 @@ def measure_plot(summary: pd.DataFrame, measure: str = "bias", estimand: str | N
     -------
     matplotlib.figure.Figure
     """
-    s = summary[summary["measure"] == measure]
-    if estimand is None:
-        if not len(s):
-            raise ValueError(f"measure={measure!r} is invalid; allowed: one of {sorted(summary['measure'].unique())}")
-        estimand = s["estimand"].iloc[0]
-    s = s[s["estimand"] == estimand]
-    if not len(s):
-        raise ValueError(f"estimand={estimand!r} has no {measure!r} rows; allowed: one of "
-                         f"{sorted(summary.loc[summary['measure'] == measure, 'estimand'].unique())}")
+    s = measure_rows(summary, measure, estimand)
+    estimand = s["estimand"].iloc[0]
     if factors is None:
-        cols = list(summary.columns)
-        factors = cols[cols.index("condition") + 1:cols.index("method")]
+        factors = summary_factors(summary)
     conds = s.drop_duplicates("condition").sort_values("condition")
     labels = condition_labels(conds, factors).tolist()
     pos = {c: i for i, c in enumerate(conds["condition"])}
@@ -252,7 +267,9 @@ def zip_plot(result, estimand: str = "estimate", *, conditions: Sequence[int] | 
             ax.set_title(f"{m} | {labels.iloc[c]}\ncoverage {cov:.3f} ({mc:.3f})", fontsize=8)
             if j == 0:
                 ax.set_ylabel("centile of |z|", fontsize=8)
-    fig.suptitle(f"Zip plot of {int(level * 100)}% intervals for {estimand} (red: miss the truth)", fontsize=10)
+    n_with = sum(estimand in t for t in truths)
+    shown = f"\n{len(conds)} of {n_with} conditions shown ({', '.join(map(str, conds))})" if len(conds) < n_with else ""
+    fig.suptitle(f"Zip plot of {int(level * 100)}% intervals for {estimand} (red: miss the truth){shown}", fontsize=10)
     return fig
 
 
@@ -318,6 +335,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
 
     path = Path(path)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format=(path.suffix[1:] or "png"))
+    fmt = path.suffix[1:].lower() or "png"
+    # no date and no random ids in an SVG (a fixed hash salt)
+    with matplotlib.rc_context({"svg.hashsalt": "simstudy"}):
+        fig.savefig(buffer, dpi=dpi, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -14,10 +14,21 @@ from .performance import MEASURES
 from .rates import RateResult
 from .storage import atomic_write_text
 
-__all__ = ["write_report", "summary_wide", "markdown_table", "format_summary", "format_failures"]
+__all__ = ["write_report", "summary_wide", "markdown_table", "format_summary", "format_failures", "format_value",
+           "report_facts", "design_table", "ordered_estimands", "rate_parts", "PERFORMANCE_NOTE"]
+
+#: The paragraph above the performance tables of ``report.md`` and ``report.html``.
+PERFORMANCE_NOTE = ("Cells are value (Monte Carlo standard error); formulas of Morris, White and Crowther (2019), "
+                    "Table 6. n_used: replicates with status ok. relerr_modse is a fraction (x100 for percent); "
+                    "rel_efficiency is (empSE_ref / empSE)^2 on paired replicates.")
 
 
 def _fmt(v) -> str:
+    return format_value(v).replace("|", "\\|").replace("\n", " ")  # a markdown cell
+
+
+def format_value(v) -> str:
+    """One table cell as text: numbers to 4 significant digits, NaN blank, booleans yes/no."""
     if v is None:
         return ""
     if isinstance(v, (bool, np.bool_)):
@@ -30,7 +41,7 @@ def _fmt(v) -> str:
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
         return f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return str(v)
 
 
 def markdown_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
@@ -112,27 +123,70 @@ def format_failures(result, max_messages: int = 3) -> list[str]:
     return lines
 
 
-def _rate_section(rate: RateResult) -> list[str]:
-    lines = [f"### Rate of {rate.metric} in {rate.x}", "",
-             f"WLS of log mean {rate.metric} on log {rate.x}, weights from the replicate-level MCSE "
-             f"({int(rate.level * 100)}% intervals, scale={rate.scale})"
-             + (f"; theoretical slope {rate.theory_slope:g}" if rate.theory_slope is not None else "")
-             + (f", theoretical constant {rate.theory_constant:g}" if rate.theory_constant is not None else "")
-             + ".", ""]
+def rate_parts(rate: RateResult) -> dict:
+    """The pieces of a rate's report section: ``title``, ``text`` (the fit), ``fits`` (table), ``blank_note``
+    (or None), ``points_text``, ``points`` (table) and ``notes`` (list); ``report.md`` and ``report.html``
+    render them."""
     keep = list(rate.by) + [c for c in ["k", "slope", "slope_low", "slope_high", "theory_slope", "slope_ok",
                                         "constant", "theory_fit_constant", "theory_fit_constant_low",
                                         "theory_fit_constant_high", "lack_of_fit_p"] if c in rate.fits]
-    lines += [markdown_table(rate.fits[keep]), ""]
+    blank = None
     if "lack_of_fit_p" in rate.fits and rate.fits["lack_of_fit_p"].isna().any():
-        lines += ["lack_of_fit_p is blank where it is not testable: the chi-square lack-of-fit test needs 3 or "
-                  f"more levels of {rate.x} (with 2 the line fits exactly; no degrees of freedom).", ""]
+        blank = ("lack_of_fit_p is blank where it is not testable: the chi-square lack-of-fit test needs 3 or "
+                 f"more levels of {rate.x} (with 2 the line fits exactly; no degrees of freedom).")
     s_txt = "the theoretical slope" if rate.theory_slope is not None else "the fitted slope"
-    lines += [f"Per {rate.x}: mean with MCSE, and the constant {rate.x}^(-s) x mean with s {s_txt}:", ""]
     pk = list(rate.by) + [c for c in [rate.x, "n_used", "mean", "mcse", "constant", "constant_mcse", "constant_z",
                                       "constant_ok"] if c in rate.points]
-    lines += [markdown_table(rate.points[pk]), ""]
-    lines += [f"Note: {n}" for n in rate.notes]
-    return lines
+    return {"title": f"Rate of {rate.metric} in {rate.x}",
+            "text": f"WLS of log mean {rate.metric} on log {rate.x}, weights from the replicate-level MCSE "
+                    f"({int(rate.level * 100)}% intervals, scale={rate.scale})"
+                    + (f"; theoretical slope {rate.theory_slope:g}" if rate.theory_slope is not None else "")
+                    + (f", theoretical constant {rate.theory_constant:g}" if rate.theory_constant is not None
+                       else "") + ".",
+            "fits": rate.fits[keep], "blank_note": blank,
+            "points_text": f"Per {rate.x}: mean with MCSE, and the constant {rate.x}^(-s) x mean with s {s_txt}:",
+            "points": rate.points[pk], "notes": [f"Note: {n}" for n in rate.notes]}
+
+
+def _rate_section(rate: RateResult) -> list[str]:
+    part = rate_parts(rate)
+    lines = [f"### {part['title']}", "", part["text"], "", markdown_table(part["fits"]), ""]
+    if part["blank_note"]:
+        lines += [part["blank_note"], ""]
+    lines += [part["points_text"], "", markdown_table(part["points"]), ""]
+    return lines + part["notes"]
+
+
+def report_facts(result) -> list[str]:
+    """The header lines of a report (conditions, rows, failures, time, hash, seeds); code in backticks."""
+    man, t = result.manifest, result.table
+    total = result.expected_rows
+    n_fail = int((t["status"] != "ok").sum())
+    secs = float(result.timings["seconds"].sum()) if result.timings is not None and len(result.timings) else math.nan
+    return [f"conditions: {len(man['conditions'])}; methods: {', '.join(result.methods)}; replicates per "
+            f"condition: {man['replicates']}; root seed: {man['seed']}",
+            f"rows finished: {len(t)} of {total}" + ("" if len(t) == total else " (INCOMPLETE: partial results)")
+            + f"; failures: {n_fail}",
+            f"compute time (sum over rows): {secs:.1f} s" if math.isfinite(secs) else "compute time: unknown",
+            f"config hash: `{man.get('config_hash', '')[:16]}`; simstudy {man.get('simstudy_version', '?')}; "
+            f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            "seeds: replicate r of condition c draws from `numpy.random.SeedSequence(seed, spawn_key=(c, r))`"]
+
+
+def design_table(result) -> pd.DataFrame:
+    """The design: ``condition``, the factors and one ``truth: ESTIMAND`` column per estimand with a truth."""
+    design = result.conditions.copy()
+    for e in dict.fromkeys(k for tr in result.truths for k in tr):
+        design[f"truth: {e}"] = [tr.get(e, np.nan) for tr in result.truths]
+    return design
+
+
+def ordered_estimands(summary: pd.DataFrame, options: dict) -> tuple[list[str], int]:
+    """The estimands and metrics of a summary in report order (the study's ``headline`` first) and how many
+    of them are headline ones."""
+    estimands = list(dict.fromkeys(summary["estimand"]))
+    headline = [e for e in options.get("headline") or [] if e in estimands]
+    return headline + [e for e in estimands if e not in headline], len(headline)
 
 
 def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[str, os.PathLike]] | None = None,
@@ -167,29 +221,15 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
     outdir.mkdir(parents=True, exist_ok=True)
     summary = result.summary() if summary is None else summary
     rates = result.rates() if rates is None else rates
-    man = result.manifest
     opts = result.options
     t = result.table
     lines = [f"# Simulation study: {result.name}", ""]
     if opts.get("description"):
         lines += [str(opts["description"]), ""]
-    total = result.expected_rows
     n_fail = int((t["status"] != "ok").sum())
-    secs = float(result.timings["seconds"].sum()) if result.timings is not None and len(result.timings) else math.nan
-    lines += [f"- conditions: {len(man['conditions'])}; methods: {', '.join(result.methods)}; replicates per "
-              f"condition: {man['replicates']}; root seed: {man['seed']}",
-              f"- rows finished: {len(t)} of {total}" + ("" if len(t) == total else " (INCOMPLETE: partial results)")
-              + f"; failures: {n_fail}",
-              f"- compute time (sum over rows): {secs:.1f} s" if math.isfinite(secs) else "- compute time: unknown",
-              f"- config hash: `{man.get('config_hash', '')[:16]}`; simstudy {man.get('simstudy_version', '?')}; "
-              f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-              "- seeds: replicate r of condition c draws from `numpy.random.SeedSequence(seed, spawn_key=(c, r))`",
-              ""]
+    lines += [f"- {fact}" for fact in report_facts(result)] + [""]
     lines += ["## Design", ""]
-    design = result.conditions.copy()
-    for e in dict.fromkeys(k for tr in result.truths for k in tr):
-        design[f"truth: {e}"] = [tr.get(e, np.nan) for tr in result.truths]
-    lines += [markdown_table(design), ""]
+    lines += [markdown_table(design_table(result)), ""]
     lines += ["## Failures", ""]
     if n_fail == 0:
         lines += [f"None: all {len(t)} finished rows have status ok.", ""]
@@ -201,20 +241,14 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
         lines += [f"First {min(max_failures, len(fl))} of {len(fl)} failures (reproduce with "
                   "`Study.run_replicate(condition, replicate)`):", "",
                   markdown_table(fl.drop(columns=["seed"]), max_rows=max_failures), ""]
-    lines += ["## Performance", "",
-              "Cells are value (Monte Carlo standard error); formulas of Morris, White and "
-              "Crowther (2019), Table 6. n_used: replicates with status ok. relerr_modse is a fraction (x100 for percent); rel_efficiency is "
-              "(empSE_ref / empSE)^2 on paired replicates.", ""]
+    lines += ["## Performance", "", PERFORMANCE_NOTE, ""]
     if opts.get("reference"):
         lines += [f"Reference method for relative efficiency: {opts['reference']}.", ""]
     if not len(summary):
         lines += ["No finished rows.", ""]
-    estimands = list(dict.fromkeys(summary["estimand"]))
-    headline = [e for e in opts.get("headline") or [] if e in estimands]
-    if headline:  # the study's headline metrics first, then the rest
-        estimands = headline + [e for e in estimands if e not in headline]
+    estimands, n_headline = ordered_estimands(summary, opts)  # the study's headline metrics first
     for i, e in enumerate(estimands):
-        if headline and i == len(headline):
+        if n_headline and i == n_headline:
             lines += ["### Further metrics", "", "Diagnostics and secondary metrics of every method.", ""]
         wide = summary_wide(summary, e, combined=True).drop(columns=["condition"])
         is_metric = set(summary.loc[summary["estimand"] == e, "measure"]) == {"mean"}

@@ -266,14 +266,16 @@ class StudyResult:
         return cls(fin.table, manifest=manifest, timings=fin.timings)
 
     # -- output --------------------------------------------------------------------------------------------
-    def plot(self, outdir: str | os.PathLike) -> list[tuple[str, Path]]:
-        """Write the standard figures (see :func:`simstudy.engine.figures.make_figures`)."""
+    def plot(self, outdir: str | os.PathLike, *, formats: str | Sequence[str] = ("png",)) -> list[tuple[str, Path]]:
+        """Write the standard figures, in each of ``formats`` (``"png"``, ``"svg"``, ``"png,svg"``; see
+        :func:`simstudy.engine.figures.make_figures`)."""
         from .figures import make_figures
 
-        return make_figures(self, outdir)
+        return make_figures(self, outdir, formats=formats)
 
     def report(self, outdir: str | os.PathLike, figures: list | None = None) -> Path:
-        """Write ``report.md`` (see :func:`simstudy.engine.report.write_report`)."""
-        from .report import write_report
+        """Write ``report.md`` and the self-contained ``report.html`` beside it (see
+        :func:`simstudy.engine.report_html.write_reports`); returns the path of ``report.md``."""
+        from .report_html import write_reports
 
-        return write_report(self, outdir, figures=figures)
+        return write_reports(self, outdir, figures=figures)

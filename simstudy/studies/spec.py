@@ -26,6 +26,10 @@ kind-specific tables read by the builder registered for its ``kind``::
     backend = "loky"             # "loky" or "dask"
     scheduler = "tcp://host:8786"   # dask scheduler address (default: a LocalCluster)
     out = "results/binomial"     # output/store directory
+    target_mcse = { coverage = 0.01 }   # replicate until each MCSE <= target (as --target-mcse coverage=0.01)
+    max_replicates = 20000       # cap per condition, with target_mcse (--max-replicates)
+    max_time = 3600              # seconds; launch no replicate after (--max-time; exit 75, re-run continues)
+    figure_format = "png,svg"    # or ["png", "svg"] (--figure-format); a flag overrides its key
 
     [summary]                    # optional
     reference = "wald"           # method for relative efficiency

@@ -151,11 +151,15 @@ def check_study_limits(st: Mapping) -> tuple[float | None, tuple[str, ...]]:
 
 
 def check_run_table(run) -> dict:
-    """``[run]``: n_jobs, backend, scheduler and out, each validated (command-line flags override them)."""
+    """``[run]``: n_jobs, backend, scheduler, out and the run control of ``simstudy run``'s flags (target_mcse,
+    max_replicates, max_time, figure_format), each validated (command-line flags override them)."""
+    from ..engine.figures import figure_formats
+
     out: dict = {}
     if not isinstance(run, dict):
         raise SpecError("run has the wrong type; allowed: a table [run]")
-    check_keys(run, {"n_jobs", "backend", "scheduler", "out"}, "run")
+    check_keys(run, {"n_jobs", "backend", "scheduler", "out", "target_mcse", "max_replicates", "max_time",
+                     "figure_format"}, "run")
     if "n_jobs" in run:
         out["n_jobs"] = get_value(run, "n_jobs", int, "run", check=lambda v: v >= 1 or v == -1,
                                   allowed="an integer >= 1, or -1 for all CPUs")
@@ -166,6 +170,25 @@ def check_run_table(run) -> dict:
         out["scheduler"] = get_value(run, "scheduler", str, "run", check=bool, allowed="a scheduler address")
     if "out" in run:
         out["out"] = get_value(run, "out", str, "run", check=bool, allowed="a directory path")
+    if "target_mcse" in run:  # a table measure = MCSE, as --target-mcse MEASURE=MCSE
+        targets = get_value(run, "target_mcse", dict, "run", check=bool,
+                            allowed="a table of measure = MCSE, e.g. target_mcse = { coverage = 0.01 }")
+        out["target_mcse"] = {k: get_value(targets, k, float, "run.target_mcse",
+                                           check=lambda v: math.isfinite(v) and v > 0, allowed="an MCSE > 0")
+                              for k in targets}
+    if "max_replicates" in run:
+        out["max_replicates"] = get_value(run, "max_replicates", int, "run", check=lambda v: 1 <= v <= MAX_REPLICATES,
+                                          allowed=f"an integer >= 1 and <= {MAX_REPLICATES}")
+    if "max_time" in run:
+        out["max_time"] = get_value(run, "max_time", float, "run", check=lambda v: math.isfinite(v) and v >= 0,
+                                    allowed="a number of seconds >= 0")
+    if "figure_format" in run:
+        fmts = get_value(run, "figure_format", (str, list), "run", allowed="'png', 'svg', 'png,svg' or a list of them")
+        try:
+            out["figure_format"] = list(figure_formats(fmts))
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"run.figure_format={fmts!r} is invalid; allowed: {str(exc).split('allowed: ')[-1]}") \
+                from None
     return out
 
 
@@ -185,7 +208,8 @@ class StudyFile:
     design : dict or list of dict or None
         ``[design]`` (factorial) or ``[[conditions]]`` (non-factorial), as in the file.
     run : dict
-        ``n_jobs``, ``backend``, ``scheduler``, ``out`` when given.
+        ``n_jobs``, ``backend``, ``scheduler``, ``out``, ``target_mcse``, ``max_replicates``, ``max_time``,
+        ``figure_format`` when given.
     summary, report : dict
     rates : list of dict
         Keyword arguments of :meth:`StudyResult.rate`.
