@@ -93,8 +93,11 @@ def test_the_study_file_and_the_command_line_give_the_same_run(tmp_path, capsys)
                                   b.table[cols].sort_values(order).reset_index(drop=True))
     for out in (by_file, by_flags):
         assert sorted(p.suffix for p in (out / "figures").iterdir()) == [".png"] * 3 + [".svg"] * 3
-    # the report names the SVG figures first (the first format of the list) and embeds them
-    assert "data:image/svg+xml;base64," in (by_file / "report.html").read_text(encoding="utf-8")
+    # the report names the SVG figures first (the first format of the list) and embeds them; both reports
+    # give the replicates each condition ended with
+    page = (by_file / "report.html").read_text(encoding="utf-8")
+    assert "data:image/svg+xml;base64," in page and '<h2 id="precision">Precision target</h2>' in page
+    assert "## Precision target" in (by_file / "report.md").read_text(encoding="utf-8")
 
 
 def test_a_flag_overrides_its_key(tmp_path, capsys):
@@ -110,7 +113,8 @@ def test_a_flag_overrides_its_key(tmp_path, capsys):
 def test_combinations_the_run_refuses_with_one_line(tmp_path, capsys):
     cases = [(STUDY + "[run]\nmax_replicates = 50\n", [],
               "run.max_replicates=50 needs --target-mcse (or [run] target_mcse)"),
-             (STUDY + RUN, ["--shard", "1/2"], "--shard=1/2 is invalid with run.target_mcse; allowed: one or the other"),
+             (STUDY + RUN, ["--shard", "1/2"],
+              "--shard=1/2 is invalid with run.target_mcse; allowed: one or the other"),
              (STUDY, ["--shard", "1/2", "--target-mcse", "coverage=0.01"],
               "--shard=1/2 is invalid with --target-mcse; allowed: one or the other"),
              (STUDY + "[run]\ntarget_mcse = { nope = 0.1 }\n", [], "target_mcse measure 'nope' is invalid")]

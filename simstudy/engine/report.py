@@ -15,12 +15,16 @@ from .rates import RateResult
 from .storage import atomic_write_text
 
 __all__ = ["write_report", "summary_wide", "markdown_table", "format_summary", "format_failures", "format_value",
-           "report_facts", "design_table", "ordered_estimands", "rate_parts", "PERFORMANCE_NOTE"]
+           "report_facts", "design_table", "ordered_estimands", "rate_parts", "PERFORMANCE_NOTE", "PRECISION_NOTE"]
 
 #: The paragraph above the performance tables of ``report.md`` and ``report.html``.
 PERFORMANCE_NOTE = ("Cells are value (Monte Carlo standard error); formulas of Morris, White and Crowther (2019), "
                     "Table 6. n_used: replicates with status ok. relerr_modse is a fraction (x100 for percent); "
                     "rel_efficiency is (empSE_ref / empSE)^2 on paired replicates.")
+
+#: The paragraph above the precision table (a run with ``target_mcse``; :mod:`.precision`).
+PRECISION_NOTE = ("Replicated in rounds until each condition's MCSE of the measure was at or below the target "
+                  "(status reached) or the cap was hit (capped); replicates: the count each condition ended with.")
 
 
 def _fmt(v) -> str:
@@ -241,6 +245,8 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
         lines += [f"First {min(max_failures, len(fl))} of {len(fl)} failures (reproduce with "
                   "`Study.run_replicate(condition, replicate)`):", "",
                   markdown_table(fl.drop(columns=["seed"]), max_rows=max_failures), ""]
+    if result.precision is not None:  # a run to a precision target: replicates used and MCSE reached
+        lines += ["## Precision target", "", PRECISION_NOTE, "", markdown_table(result.precision), ""]
     lines += ["## Performance", "", PERFORMANCE_NOTE, ""]
     if opts.get("reference"):
         lines += [f"Reference method for relative efficiency: {opts['reference']}.", ""]

@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from .rates import RateResult
-from .report import (PERFORMANCE_NOTE, design_table, format_value, ordered_estimands, rate_parts, report_facts,
-                     summary_wide, write_report)
+from .report import (PERFORMANCE_NOTE, PRECISION_NOTE, design_table, format_value, ordered_estimands, rate_parts,
+                     report_facts, summary_wide, write_report)
 from .storage import atomic_write_text
 
 __all__ = ["write_report_html", "write_reports", "html_table", "MIME"]
@@ -118,7 +118,8 @@ def write_report_html(result, outdir: str | os.PathLike, *,
     if opts.get("description"):
         parts.append(f"<p>{_esc(opts['description'])}</p>")
     parts.append("<ul>" + "".join(f"<li>{_code(f)}</li>" for f in report_facts(result)) + "</ul>")
-    sections = ["design", "failures", "performance"] + (["rates"] if rates else []) + (
+    sections = ["design", "failures"] + (["precision"] if result.precision is not None else []) + [
+        "performance"] + (["rates"] if rates else []) + (
         ["figures"] if figures or skipped else []) + ["settings"]
     parts.append("<nav>" + "".join(f'<a href="#{s}">{s.capitalize()}</a>' for s in sections) + "</nav>")
     parts += ['<h2 id="design">Design</h2>', html_table(design_table(result))]
@@ -133,6 +134,9 @@ def write_report_html(result, outdir: str | os.PathLike, *,
                   f"<p>First {min(max_failures, len(fl))} of {len(fl)} failures (reproduce with "
                   "<code>Study.run_replicate(condition, replicate)</code>):</p>",
                   html_table(fl.drop(columns=["seed"]), max_rows=max_failures)]
+    if result.precision is not None:
+        parts += ['<h2 id="precision">Precision target</h2>', f"<p>{_esc(PRECISION_NOTE)}</p>",
+                  html_table(result.precision)]
     parts += ['<h2 id="performance">Performance</h2>', f"<p>{_esc(PERFORMANCE_NOTE)}</p>"]
     if opts.get("reference"):
         parts.append(f"<p>Reference method for relative efficiency: {_esc(opts['reference'])}.</p>")
