@@ -231,3 +231,55 @@ def test_stop_at_eos_on_a_model_without_eos_names_the_option():
     lm.causal_lm.generation_config.eos_token_id = None
     with pytest.raises(ValueError, match="eos_token_id=ID"):
         sample_continuations(lm, prompts(), GenerationOptions(max_new_tokens=2, stop_at_eos=True))
+
+
+# ---- EOS stopping in the generation metrics and in a study file ------------------------------------------------
+def test_features_of_a_stopped_continuation_pool_only_its_tokens():
+    """MAUVE features with ``lengths``: each row pooled over its first tokens, equal to the features of the
+    continuation cut there (the base model is causal, so later tokens change nothing before them)."""
+    lm = make_lm()
+    x, y = prompts(3), torch.randint(1, V, (3, T), generator=torch.Generator().manual_seed(5))  # (3, L), (3, T)
+    lengths = torch.tensor([2, T, 5])
+    with torch.no_grad():
+        pooled = lm.base_features(x, y, lengths=lengths)  # (3, d)
+        for i, k in enumerate(lengths.tolist()):
+            cut = lm.base_features(x[i:i + 1], y[i:i + 1, :k])  # (1, d)
+            torch.testing.assert_close(pooled[i:i + 1], cut, rtol=1e-5, atol=1e-6)
+        assert torch.equal(lm.base_features(x, y, lengths=torch.full((3,), T)), lm.base_features(x, y))
+
+
+def test_generation_metrics_cut_each_continuation_at_its_eos():
+    from simstudy.llm.metrics import generation_metrics
+
+    class Tok:  # token ids as words; the EOS id decodes to nothing (a special token)
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(f"w{t}" for t in r if not (skip_special_tokens and t == EOS)) for r in rows]
+
+    lm = make_lm()
+    x, y = prompts(4), torch.randint(1, V, (4, T), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(temperature=1.0, with_mauve=False, batch_size=2)
+    stopped = generation_metrics(lm, x, y, Tok(), stop_at_eos=True, generator=torch.Generator().manual_seed(3),
+                                 **kwargs)
+    out = sample_continuations(lm, x[:2], GenerationOptions(max_new_tokens=T, stop_at_eos=True),
+                               generator=torch.Generator().manual_seed(3))
+    first = [" ".join(f"w{t}" for t in row[:int(n)] if t != EOS)
+             for row, n in zip(out.tokens[:, 0].tolist(), out.lengths[:, 0].tolist())]
+    assert stopped.generated[:2] == first  # the same draws, each text ends at its EOS
+    assert any(n < T for n in out.lengths[:, 0].tolist())  # at least one sequence stopped early here
+
+
+@pytest.mark.parametrize("key, value, allowed", [("top_k", "0", "top_k=0"), ("top_p", "1.5", "top_p=1.5"),
+                                                 ("temperature", "-1.0", "temperature=-1.0"),
+                                                 ("stop_at_eos", '"yes"', "stop_at_eos='yes'")])
+def test_generation_keys_of_a_study_file_are_checked_in_one_line(key, value, allowed):
+    pytest.importorskip("rouge_score")
+    from simstudy.studies import spec
+    import simstudy.studies.llm_shift as llm_shift
+
+    good = llm_shift.EvalConfig(temperature=0.7, top_k=20, top_p=0.9, stop_at_eos=True)
+    assert (good.temperature, good.top_k, good.top_p, good.stop_at_eos) == (0.7, 20, 0.9, True)
+    text = ('[study]\nkind = "llm-shift"\nreplicates = 1\nseed = 0\n[model]\nname = "tiny-gpt2"\n'
+            f'[data]\ntrain = "python-stdlib"\nood = {{}}\n[evaluation]\n{key} = {value}\n[methods.mle]\n')
+    with pytest.raises(spec.SpecError) as err:
+        spec.build_study(spec.parse_study_text(text))
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"evaluation: {allowed} is invalid")

@@ -195,12 +195,15 @@ def test_methods_default_to_their_latent_scope_and_the_preset_files_parse():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "experiments"
-    for name in ("llm_shift.toml", "llm_shift_gpu.toml"):
+    expected = {"llm_shift.toml": ({"mle", "aug", "is-K"}, {"none", "neftune", "linear"}),  # CPU: 4 methods
+                "llm_shift_gpu.toml": ({"mle", "aug", "q2", "is-K", "ps-mh"},
+                                       {"none", "neftune", "gaussian", "discrete", "linear"})}
+    for name, (equations, perturbations) in expected.items():
         sf = spec.parse_study_text((root / name).read_text(), root / name)
         assert sf.kind == "llm-shift"
         methods = {n: llm_shift.method_from_table(n, t, sf.tables.get("defaults", {})) for n, t in sf.tables["methods"].items()}
-        assert {m.equation for m in methods.values()} >= {"mle", "aug", "q2", "is-K", "ps-mh"}
-        assert {m.perturbation for m in methods.values()} >= {"none", "neftune", "gaussian", "discrete", "linear"}
+        assert {m.equation for m in methods.values()} == equations
+        assert {m.perturbation for m in methods.values()} == perturbations
 
 
 def test_out_of_domain_pairs_can_continue_into_other_splits(fortunes):

@@ -277,3 +277,26 @@ def test_the_command_line_refuses_a_missing_column_with_one_line(files, tmp_path
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.text='content' is not a column" in err[0], err
+
+
+def test_editing_a_users_corpus_makes_a_different_study(files, tmp_path):
+    """The study's fingerprint holds the corpus's contents: an edited file is never resumed into the old store."""
+    import shutil
+
+    from simstudy.studies import spec
+    import simstudy.studies.llm_shift  # noqa: F401  (registers the kind)
+
+    root = tmp_path / "copy"
+    shutil.copytree(files, root)
+    text = textwrap.dedent(STUDY.format(root=root))
+    before = spec.build_study(spec.parse_study_text(text)).fingerprint
+    assert spec.build_study(spec.parse_study_text(text)).fingerprint == before  # deterministic
+    with (root / "docs.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "new", "body": "one more document", "other": 0}) + "\n")
+    assert spec.build_study(spec.parse_study_text(text)).fingerprint != before
+    folder = UserCorpus(path=str(root / "docs"))
+    digest = folder.content_digest()
+    (root / "docs" / "notes.md").write_text("not read: the glob is **/*.txt", encoding="utf-8")
+    assert folder.content_digest() == digest  # a file the corpus does not read changes nothing
+    (root / "docs" / "doc000.txt").write_text("edited", encoding="utf-8")
+    assert folder.content_digest() != digest

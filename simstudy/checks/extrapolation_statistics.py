@@ -15,66 +15,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
-from scipy import stats
+
+from ..engine.paired import paired_differences, verdict  # the engine's paired comparison
 
 __all__ = ["bin_gains", "capped_fits", "curves", "findings", "paired_differences", "per_method", "verdict"]
 
 #: Columns summarised per method (those present).
 SUMMARY_COLUMNS = ("kl_id", "kl_oos", "scale_ratio", "truth_shift_oos", "fit_best_pass", "fit_passes_run",
                    "fit_stopped_early", "fit_hit_cap", "fit_eq_fallback_fraction")
-
-
-def paired_differences(table: pd.DataFrame, *, metric: str, pairs: list[tuple[str, str]], by: str = "design",
-                       level: float = 0.95) -> pd.DataFrame:
-    """Paired differences ``metric(method) - metric(reference)`` per ``by`` group.
-
-    ``table`` is the engine's tidy table (``replicate``, ``method``, ``status``,
-    ``metric`` and the ``by`` column). Pairs are the replicates where both rows are
-    ok. Columns: by, method, reference, metric, pairs, mean_method, mean_reference,
-    difference, mcse (sd / sqrt(pairs)), ci_low, ci_high (t_{pairs-1} quantile),
-    infinite (pairs with an infinite value: the difference is then +-inf and the
-    interval undefined).
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level={level!r} is invalid; allowed: a number in (0, 1)")
-    ok = table[table["status"] == "ok"]
-    rows = []
-    for group, sub in ok.groupby(by, sort=False):
-        wide = sub.pivot_table(index="replicate", columns="method", values=metric, aggfunc="first")
-        for method, reference in pairs:
-            if method not in wide or reference not in wide:
-                continue
-            both = wide[[method, reference]].dropna()
-            a, b = both[method].to_numpy(float), both[reference].to_numpy(float)
-            d = a - b
-            n = len(d)
-            infinite = int((~np.isfinite(a) | ~np.isfinite(b)).sum())
-            row = {by: group, "method": method, "reference": reference, "metric": metric, "pairs": n,
-                   "mean_method": float(a.mean()) if n else math.nan,
-                   "mean_reference": float(b.mean()) if n else math.nan, "infinite": infinite}
-            if n >= 2 and infinite == 0:
-                mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
-                tq = float(stats.t.ppf(0.5 + level / 2, n - 1))
-                row.update(difference=mean, mcse=se, ci_low=mean - tq * se, ci_high=mean + tq * se)
-            else:
-                mean = float(d.mean()) if n else math.nan
-                row.update(difference=mean, mcse=math.nan, ci_low=math.nan, ci_high=math.nan)
-            rows.append(row)
-    return pd.DataFrame(rows, columns=[by, "method", "reference", "metric", "pairs", "mean_method",
-                                       "mean_reference", "difference", "mcse", "ci_low", "ci_high", "infinite"])
-
-
-def verdict(ci_low: float, ci_high: float) -> str:
-    """'beats' (interval below 0), 'worse' (above 0), 'no decisive difference', or 'undefined'."""
-    if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
-        return "undefined"
-    if ci_high < 0:
-        return "beats"
-    if ci_low > 0:
-        return "worse"
-    return "no decisive difference"
 
 
 def findings(oos: pd.DataFrame, idd: pd.DataFrame, *, margin_fraction: float, by: str = "design") -> pd.DataFrame:

@@ -32,7 +32,7 @@ import torch
 
 from ..metrics import has_eval_latent, iwae_log_marginal
 from ..validation import check_choice, check_int
-from .generate import generate
+from .generate import GenerationOptions, generate, sample_continuations
 from .perturbed import PerturbedCausalLM
 
 SCOPES = ("datum", "token")
@@ -179,23 +179,32 @@ class GenerationResult:
 @torch.no_grad()
 def generation_metrics(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, tokenizer, *,
                        num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, batch_size: int = 16, with_mauve: bool = True,
-                       rouge_tokenizer: str = "unicode", mauve_options: dict | None = None,
+                       top_p: float | None = None, stop_at_eos: bool = False, batch_size: int = 16,
+                       with_mauve: bool = True, rouge_tokenizer: str = "unicode", mauve_options: dict | None = None,
                        generator: torch.Generator | None = None) -> GenerationResult:
-    """Generate c = y.shape[1] tokens per prompt (ancestrally), then ROUGE-1 and MAUVE against y."""
+    """Generate c = y.shape[1] tokens per prompt (ancestrally), then ROUGE-1 and MAUVE against y.
+
+    With ``stop_at_eos`` a continuation ends at its first end-of-sequence token: its text is the tokens
+    before it, and its MAUVE features are pooled over the tokens up to and including it
+    (:meth:`PerturbedCausalLM.base_features` with ``lengths``)."""
     n, c = y.shape
-    gens = []
+    options = GenerationOptions(max_new_tokens=c, num_samples=num_samples, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_at_eos=stop_at_eos)
+    tokens, lengths = [], []
     for s in range(0, n, batch_size):
-        gens.append(generate(model, x[s:s + batch_size], max_new_tokens=c, num_samples=num_samples,
-                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))  # (b, S, c)
-    tokens = torch.cat(gens)  # (N, S, c)
-    flat = tokens.reshape(n * num_samples, c)
-    generated = tokenizer.batch_decode(flat.tolist(), skip_special_tokens=True)
+        out = sample_continuations(model, x[s:s + batch_size], options, generator=generator)
+        tokens.append(out.tokens)  # (b, S, c)
+        lengths.append(out.lengths)  # (b, S)
+    flat = torch.cat(tokens).reshape(n * num_samples, c)  # (N*S, c)
+    flat_lengths = torch.cat(lengths).reshape(n * num_samples)  # (N*S,)
+    kept = [row[:int(k)] for row, k in zip(flat.tolist(), flat_lengths.tolist())] if stop_at_eos else flat.tolist()
+    generated = tokenizer.batch_decode(kept, skip_special_tokens=True)
     references = tokenizer.batch_decode(y.tolist(), skip_special_tokens=True)
     rouge = rouge1(generated, [r for r in references for _ in range(num_samples)], tokenizer=rouge_tokenizer)
     mauve_result = None
     if with_mauve:
-        p = model.base_features(x.repeat_interleave(num_samples, dim=0), flat)  # (N*S, d)
+        p = model.base_features(x.repeat_interleave(num_samples, dim=0), flat,
+                                lengths=flat_lengths if stop_at_eos else None)  # (N*S, d)
         q = model.base_features(x, y)  # (N, d)
         mauve_result = mauve_score(p, q, **(mauve_options or {}))
     return GenerationResult(rouge=rouge, mauve=mauve_result, generated=generated, references=references)

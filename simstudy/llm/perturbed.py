@@ -299,9 +299,11 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
         return -nll.view(b, K, c)
 
     @torch.no_grad()
-    def base_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def base_features(self, x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Mean-pooled last hidden layer of the BASE model (adapters off, no perturbation) over the
-        continuation tokens, read with the prompt as context: ``(B, d)`` float32 (MAUVE features, DESIGN §8)."""
+        continuation tokens, read with the prompt as context: ``(B, d)`` float32 (MAUVE features, DESIGN §8).
+        ``lengths`` (B,) pools each row over its first ``lengths`` tokens only (a continuation stopped at its
+        end-of-sequence token; at least one token is pooled)."""
         self._check(x, y)
         step = max(1, self.max_rows)
         feats = []
@@ -309,7 +311,13 @@ class PerturbedCausalLM(LatentLikelihood, nn.Module):
             tokens = torch.cat([x[s:s + step], y[s:s + step]], dim=1)  # (b, L+c)
             with self.adapters_disabled():
                 h = self.hidden(self.embedding(tokens), use_cache=False).last_hidden_state  # (b, L+c, d)
-            feats.append(h[:, self.prefix_len:].float().mean(1))
+            h = h[:, self.prefix_len:].float()  # (b, c, d)
+            if lengths is None:
+                feats.append(h.mean(1))
+            else:
+                keep = lengths[s:s + step].to(h.device).clamp(min=1)  # (b,)
+                mask = (torch.arange(h.shape[1], device=h.device)[None] < keep[:, None]).float()  # (b, c)
+                feats.append((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(feats, dim=0)
 
     # ---- save and reload (simstudy.llm.saving) ----------------------------------------------------------

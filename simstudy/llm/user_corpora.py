@@ -39,6 +39,7 @@ In an llm-shift study file::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -128,6 +129,29 @@ class UserCorpus:
     def load(self) -> Corpus:
         """:func:`load_user_corpus` of this corpus (what :func:`~simstudy.llm.corpora.load_corpus` calls)."""
         return load_user_corpus(self)
+
+    def content_digest(self) -> str:
+        """SHA-256 of what is read: the file, or every file of the folder (``glob`` for a ``folder``, all of
+        them for a ``datasets`` folder) with its relative path, in sorted order. A study's fingerprint holds
+        it, so a corpus edited between two runs is a different study, never resumed into the same store
+        ("missing" when the path does not exist yet: the study's environment check reports that)."""
+        path = Path(self.path).expanduser()
+        if not path.exists():
+            return "missing"
+        digest = hashlib.sha256()
+        if path.is_dir():
+            pattern = self.glob if self.format == "folder" else "**/*"
+            files = sorted(p for p in path.glob(pattern) if p.is_file())
+        else:
+            files = [path]
+        for p in files:
+            digest.update(p.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+            digest.update(b"\0")
+            with open(p, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+        return digest.hexdigest()
 
 
 def corpus_source(value, where: str):

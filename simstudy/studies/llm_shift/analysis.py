@@ -167,11 +167,14 @@ def make_analyse(method: LLMMethod, model: ModelConfig, data: DataConfig, evalua
                                   batch_size=evaluation.batch_size, generator=gen)
             out[f"ppl_{label}"] = ppl.perplexity
             out[f"nll_{label}"] = -ppl.log_lik_per_token
+            out[f"nll_{label}_se"] = ppl.log_lik_per_token_se  # the split's own sampling error, within the replicate
             out["iwae_draws"] = float(ppl.num_draws)
             if evaluation.generation and d.n_generate:
                 n = d.n_generate
                 gen = torch.Generator().manual_seed(shift.eval_seed + 2 * i + 1)
                 res = generation_metrics(lm, x[:n], y[:n], tokenizer, num_samples=evaluation.num_samples,
+                                         temperature=evaluation.temperature, top_k=evaluation.top_k,
+                                         top_p=evaluation.top_p, stop_at_eos=evaluation.stop_at_eos,
                                          batch_size=evaluation.batch_size, with_mauve=evaluation.mauve,
                                          mauve_options=mauve_options, generator=gen)
                 out[f"rouge1_{label}"] = res.rouge.rouge1

@@ -149,6 +149,10 @@ def build_study(sf: spec.StudyFile) -> Study:
     hashed = dict(t)
     if "model" in t:
         hashed["model"] = {k: v for k, v in t["model"].items() if k != "save_fitted"}
-    fingerprint = sf.fingerprint or repr((VERSION, sorted((k, repr(v)) for k, v in hashed.items()), repr(design)))
+    # a user's corpus enters by its contents too: editing the file makes a new study, never a mixed store
+    contents = sorted((str(c), c.content_digest()) for c in [data.train, *data.ood.values()]
+                      if hasattr(c, "content_digest"))
+    fingerprint = sf.fingerprint or (repr((VERSION, sorted((k, repr(v)) for k, v in hashed.items()), repr(design)))
+                                     + (repr(contents) if contents else ""))
     return Study(design=design, generate=make_generate(model, data, evaluation), analyse=analyse,
                  replicates=sf.replicates, seed=sf.seed, name=sf.name, fingerprint=fingerprint, options=options)

@@ -132,6 +132,10 @@ class EvalConfig:
     generation: bool = field(default=True, metadata={"help": "ROUGE-1 (and MAUVE) of generated continuations"})
     mauve: bool = field(default=True, metadata={"help": "MAUVE on base-model features"})
     num_samples: int = field(default=1, metadata={"help": "continuations per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of generation (0: greedy)"})
+    top_k: int | None = field(default=None, metadata={"help": "generation keeps the k most likely tokens (None: all)"})
+    top_p: float | None = field(default=None, metadata={"help": "generation keeps the nucleus of mass p (None: all)"})
+    stop_at_eos: bool = field(default=False, metadata={"help": "a continuation ends at its first end-of-sequence"})
     mauve_buckets: int | str = field(default="auto", metadata={"help": "'auto' (max(2, n // 10)) or >= 2"})
     batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
     seed: int = field(default=0, metadata={"help": "offset of the evaluation draws' seed"})
@@ -145,6 +149,10 @@ class EvalConfig:
         check_choice("scope", self.scope, EVAL_SCOPES)
         check_bool("generation", self.generation)
         check_bool("mauve", self.mauve)
+        from ...llm.generate import GenerationOptions  # its validation of the sampling keys, one line each
+
+        GenerationOptions(max_new_tokens=1, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          stop_at_eos=self.stop_at_eos)
         if self.mauve_buckets != "auto":
             check_int("mauve_buckets", self.mauve_buckets, 2)
         if self.headline is not None and not (isinstance(self.headline, list)

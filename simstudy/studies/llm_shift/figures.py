@@ -15,7 +15,8 @@ __all__ = ["method_panels", "shift_figures"]
 
 
 def _split_labels(result, metric: str) -> list[str]:
-    columns = [c[len(metric) + 1:] for c in result.table.columns if c.startswith(metric + "_")]
+    columns = [c[len(metric) + 1:] for c in result.table.columns
+               if c.startswith(metric + "_") and not c.endswith("_se")]  # nll_S_se: a split's own error
     order = [s for s in result.options.get("splits", []) if s in columns]
     return order + sorted(s for s in columns if s not in order and s != "ood") + (["ood"] if "ood" in columns else [])
 
