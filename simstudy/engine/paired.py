@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["COMPARISON_KEYS", "check_comparisons", "comparison_table", "paired_differences", "verdict"]
+__all__ = ["COMPARISON_KEYS", "COMPARISON_RULE", "check_comparisons", "comparison_parts", "comparison_sentence",
+           "comparison_table", "paired_differences", "verdict"]
 
 #: keys of one declared comparison (``[summary] comparisons`` / ``Study(options={"comparisons": [...]})``)
 COMPARISON_KEYS = ("method", "reference", "metric", "lower_is_better", "primary", "level")
@@ -130,3 +131,33 @@ def comparison_table(result) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True)
+
+
+def comparison_sentence(row) -> str:
+    """One comparison as a sentence: ``M - R in Y: d [lo, hi] (level paired t, n pairs): verdict``."""
+    interval = (f"[{row['ci_low']:+.4g}, {row['ci_high']:+.4g}]" if math.isfinite(row["ci_low"])
+                else "no interval")
+    better = "lower" if row["lower_is_better"] else "higher"
+    return (f"{row['method']} - {row['reference']} in {row['metric']}: {row['difference']:+.4g} (MCSE "
+            f"{row['mcse']:.2g}), {int(round(100 * row['level']))}% paired t interval {interval} over "
+            f"{int(row['pairs'])} replicates ({better} is better): {row['verdict']}")
+
+
+#: how a declared comparison is decided (stated in every report that has one)
+COMPARISON_RULE = ("Paired comparisons: per condition, d_r = metric(method, r) - metric(reference, r) over the "
+                   "replicates r where both rows are ok; mean, MCSE = sd / sqrt(n) and a t interval with n - 1 "
+                   "degrees of freedom. Verdict: 'beats' when the interval lies wholly on the better side of 0, "
+                   "'worse' when wholly on the other, else 'no decisive difference'. The comparisons, their "
+                   "direction and which one is primary are declared in the study before it runs.")
+
+
+def comparison_parts(result) -> dict | None:
+    """The report's pieces of the declared comparisons: ``rule``, ``primary`` (sentences of the primary
+    comparison, one per condition) and ``table`` (every comparison); None when the study declares none."""
+    table = comparison_table(result)
+    if not len(table):
+        return None
+    label = (lambda r: f"condition {r['condition']}: ") if table["condition"].nunique() > 1 else (lambda r: "")
+    primary = [label(r) + comparison_sentence(r) for _, r in table[table["primary"]].iterrows()]
+    shown = table.drop(columns=["infinite"] if not table["infinite"].any() else [])
+    return {"rule": COMPARISON_RULE, "primary": primary, "table": shown}

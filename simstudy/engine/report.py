@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .paired import comparison_parts
 from .performance import MEASURES
 from .rates import RateResult
 from .storage import atomic_write_text
@@ -247,6 +248,11 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
                   markdown_table(fl.drop(columns=["seed"]), max_rows=max_failures), ""]
     if result.precision is not None:  # a run to a precision target: replicates used and MCSE reached
         lines += ["## Precision target", "", PRECISION_NOTE, "", markdown_table(result.precision), ""]
+    compared = comparison_parts(result)  # the study's declared paired comparisons, the primary one first
+    if compared is not None:
+        lines += ["## Paired comparisons", "", compared["rule"], ""]
+        lines += [f"**Primary comparison** ({p})." for p in compared["primary"]] + ([""] if compared["primary"] else [])
+        lines += [markdown_table(compared["table"]), ""]
     lines += ["## Performance", "", PERFORMANCE_NOTE, ""]
     if opts.get("reference"):
         lines += [f"Reference method for relative efficiency: {opts['reference']}.", ""]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .paired import comparison_parts
 from .rates import RateResult
 from .report import (PERFORMANCE_NOTE, PRECISION_NOTE, design_table, format_value, ordered_estimands, rate_parts,
                      report_facts, summary_wide, write_report)
@@ -137,6 +138,11 @@ def write_report_html(result, outdir: str | os.PathLike, *,
     if result.precision is not None:
         parts += ['<h2 id="precision">Precision target</h2>', f"<p>{_esc(PRECISION_NOTE)}</p>",
                   html_table(result.precision)]
+    compared = comparison_parts(result)  # the study's declared paired comparisons, the primary one first
+    if compared is not None:
+        parts += ['<h2 id="comparisons">Paired comparisons</h2>', f"<p>{_esc(compared['rule'])}</p>"]
+        parts += [f"<p><strong>Primary comparison</strong> ({_esc(p)}).</p>" for p in compared["primary"]]
+        parts.append(html_table(compared["table"]))
     parts += ['<h2 id="performance">Performance</h2>', f"<p>{_esc(PERFORMANCE_NOTE)}</p>"]
     if opts.get("reference"):
         parts.append(f"<p>Reference method for relative efficiency: {_esc(opts['reference'])}.</p>")

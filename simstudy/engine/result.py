@@ -265,6 +265,13 @@ class StudyResult:
                         manifest.get("truths") or [{}] * len(manifest["conditions"]))
         return cls(fin.table, manifest=manifest, timings=fin.timings)
 
+    def comparisons(self) -> pd.DataFrame:
+        """The study's declared paired comparisons (``options["comparisons"]``) per condition, with their
+        intervals and verdicts (:func:`simstudy.engine.paired.comparison_table`)."""
+        from .paired import comparison_table
+
+        return comparison_table(self)
+
     # -- output --------------------------------------------------------------------------------------------
     def plot(self, outdir: str | os.PathLike, *, formats: str | Sequence[str] = ("png",)) -> list[tuple[str, Path]]:
         """Write the standard figures, in each of ``formats`` (``"png"``, ``"svg"``, ``"png,svg"``; see

@@ -139,7 +139,9 @@ def run_study(study, opts: RunOptions, *, counts: Sequence[int] | None = None, k
         for c, r in pairs:
             have = done.get((c, r), ())
             todo = tuple(i for i, m in enumerate(names) if m not in have)
-            if todo:
+            if todo and getattr(study, "task_per_method", False):
+                items.extend((c, r, (i,)) for i in todo)  # long methods: one task each (rows are the same)
+            elif todo:
                 items.append((c, r, todo))
         if st is not None:  # a read-only store: refused before anything runs
             st.require_writable(len(items))

@@ -107,6 +107,11 @@ class Study:
     measures : mapping, optional
         Performance measures of your own, name -> spec, added to :meth:`StudyResult.summary` (kept in
         memory, not stored): see :mod:`simstudy.engine.user_measures`.
+    task_per_method : bool
+        Run each (condition, replicate, method) as its own task instead of each (condition, replicate):
+        for methods that take minutes each (an LLM fine-tune), progress, resume after a kill and the load
+        of the workers then move by method; each task generates the replicate's data again from the same
+        stream, so the rows are identical either way (not hashed: a store resumes with either setting).
 
     Examples
     --------
@@ -119,7 +124,8 @@ class Study:
     def __init__(self, design, generate: Callable, analyse, truth: Callable | None = None, replicates: int = 100,
                  seed: int | None = None, *, name: str | None = None, fingerprint: str | None = None,
                  copy_data: bool = True, seed_torch: bool | None = None, options: Mapping | None = None,
-                 timeout: float | None = None, promote_warnings=(), measures: Mapping | None = None):
+                 timeout: float | None = None, promote_warnings=(), measures: Mapping | None = None,
+                 task_per_method: bool = False):
         self.timeout, self.promote_warnings = check_limits(timeout, promote_warnings)
         self.conditions = expand_design(design)
         self.factors = factor_names(self.conditions)
@@ -153,6 +159,9 @@ class Study:
         self.seed_torch = seed_torch
         self.options = dict(options or {})
         self.measures = user_measures(measures)
+        if not isinstance(task_per_method, bool):
+            raise ValueError(f"task_per_method={task_per_method!r} is invalid; allowed: true or false")
+        self.task_per_method = task_per_method
         self._truths: list[dict] | None = None
 
     # -- identity ------------------------------------------------------------------------------------------

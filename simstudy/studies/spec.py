@@ -34,6 +34,9 @@ kind-specific tables read by the builder registered for its ``kind``::
     [summary]                    # optional
     reference = "wald"           # method for relative efficiency
     alpha = 0.05                 # level of the power measure
+    comparisons = [              # paired comparisons of methods, decided in the report (simstudy.engine.paired)
+      { method = "wilson", reference = "wald", metric = "width", primary = true },   # lower is better by default
+    ]                            # also lower_is_better = false, level = 0.95
     [summary.measures.trimmed]   # optional, repeatable: a measure of your own (simstudy.engine.user_measures)
     function = "pkg.mod:fn"      # fn(values, truth) -> number; also mcse, needs_truth, columns, n_resamples
 
@@ -89,7 +92,7 @@ except ImportError:  # Python 3.10
 from ..engine import Study
 from ..engine.callables import resolve_callable
 from .tables import (MAX_REPLICATES, SpecError, StudyFile, check_design, check_study_limits, check_keys, check_name, check_rates, evaluate_truths,
-                     check_run_table, check_summary_measures, get_callable, get_value, parse_rates)
+                     check_run_table, check_summary_table, get_callable, get_value, parse_rates)
 
 __all__ = ["SpecError", "StudyFile", "KINDS", "STUDIES", "DEFAULT_STUDY", "PLUGIN_MODULES", "register_kind",
            "register_study", "register_listing", "load_plugins", "listings", "parse_study_text", "load_study_file", "build_study", "check_keys",
@@ -275,18 +278,7 @@ def parse_study_text(text: str, path: str | Path | None = None, *, overrides: li
     sf.timeout, sf.promote_warnings = check_study_limits(st)
     sf.design = check_design(doc)
     sf.run = check_run_table(doc.get("run", {}))
-    summ = doc.get("summary", {})
-    if not isinstance(summ, dict):
-        raise SpecError("summary has the wrong type; allowed: a table [summary]")
-    check_keys(summ, {"reference", "alpha", "measures"}, "summary")
-    if "measures" in summ:
-        sf.summary["measures"] = check_summary_measures(summ["measures"])
-    if "reference" in summ:
-        sf.summary["reference"] = get_value(summ, "reference", str, "summary", check=bool,
-                                            allowed="the name of a method")
-    if "alpha" in summ:
-        sf.summary["alpha"] = get_value(summ, "alpha", float, "summary", check=lambda v: 0 < v < 1,
-                                        allowed="a number in (0, 1)")
+    sf.summary.update(check_summary_table(doc.get("summary", {})))
     rep = doc.get("report", {})
     if not isinstance(rep, dict):
         raise SpecError("report has the wrong type; allowed: a table [report]")
@@ -337,6 +329,11 @@ def build_study(sf: StudyFile, *, replicates: int | None = None) -> Study:
     if ref is not None and ref not in study.methods:
         raise SpecError(f"summary.reference={ref!r} is not a method of the study; allowed: "
                         f"{', '.join(study.methods)}")
+    for i, c in enumerate(sf.summary.get("comparisons", [])):
+        for key in ("method", "reference"):
+            if c[key] not in study.methods:
+                raise SpecError(f"summary.comparisons[{i}].{key}={c[key]!r} is not a method of the study; allowed: "
+                                f"{', '.join(study.methods)}")
     truths = evaluate_truths(study)  # a truth that raises is a bad file, found now rather than mid-run
     estimands = list(dict.fromkeys(k for t in truths for k in t))
     levels = {f: len({repr(c.get(f)) for c in study.conditions}) for f in study.factors}

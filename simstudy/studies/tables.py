@@ -20,7 +20,7 @@ from ..engine.performance import MEASURES
 from ..engine.user_measures import check_measures
 
 __all__ = ["MAX_CONDITIONS", "MAX_REPLICATES", "SpecError", "StudyFile", "check_design", "check_keys", "check_name",
-           "check_rates", "check_run_table", "check_study_limits", "check_summary_measures", "check_table", "evaluate_truths", "get_callable", "get_value", "parse_rates"]
+           "check_rates", "check_run_table", "check_study_limits", "check_summary_measures", "check_summary_table", "check_table", "evaluate_truths", "get_callable", "get_value", "parse_rates"]
 
 #: Bounds that keep a typo from allocating until memory runs out or hanging silently.
 MAX_REPLICATES = 10**7
@@ -241,6 +241,8 @@ class StudyFile:
             out["reference"] = self.summary["reference"]
         if "alpha" in self.summary:
             out["alpha"] = self.summary["alpha"]
+        if self.summary.get("comparisons"):
+            out["comparisons"] = [dict(c) for c in self.summary["comparisons"]]
         if self.summary.get("measures"):  # import paths: stored with the results, so a re-read store has them
             out["measures"] = {k: dict(v) for k, v in self.summary["measures"].items()}
         if "level" in self.report:
@@ -248,6 +250,27 @@ class StudyFile:
         if self.report.get("figures"):
             out["figures"] = list(self.report["figures"])
         return out
+
+
+def check_summary_table(summ: Any) -> dict:
+    """``[summary]`` (reference, alpha, measures, comparisons: :mod:`simstudy.engine.paired`), validated."""
+    from ..engine.paired import check_comparisons
+    if not isinstance(summ, dict):
+        raise SpecError("summary has the wrong type; allowed: a table [summary]")
+    check_keys(summ, {"reference", "alpha", "measures", "comparisons"}, "summary")
+    out: dict = {}
+    if "measures" in summ:
+        out["measures"] = check_summary_measures(summ["measures"])
+    if "reference" in summ:
+        out["reference"] = get_value(summ, "reference", str, "summary", check=bool, allowed="the name of a method")
+    if "alpha" in summ:
+        out["alpha"] = get_value(summ, "alpha", float, "summary", check=lambda v: 0 < v < 1, allowed="a number in (0, 1)")
+    if "comparisons" in summ:
+        try:
+            out["comparisons"] = check_comparisons(summ["comparisons"], where="summary.comparisons")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+    return out
 
 
 def check_summary_measures(value: Any) -> dict:

@@ -155,4 +155,5 @@ def build_study(sf: spec.StudyFile) -> Study:
     fingerprint = sf.fingerprint or (repr((VERSION, sorted((k, repr(v)) for k, v in hashed.items()), repr(design)))
                                      + (repr(contents) if contents else ""))
     return Study(design=design, generate=make_generate(model, data, evaluation), analyse=analyse,
-                 replicates=sf.replicates, seed=sf.seed, name=sf.name, fingerprint=fingerprint, options=options)
+                 replicates=sf.replicates, seed=sf.seed, name=sf.name, fingerprint=fingerprint, options=options,
+                 task_per_method=True)  # a fit takes minutes: progress, resume and the workers' load move by method
