@@ -64,7 +64,7 @@ def test_the_report_states_the_rule_and_the_primary_comparison(result, tmp_path)
     result.report(tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "## Paired comparisons" in text and "declared in the study before it runs" in text
-    assert text.count("**Primary comparison** (condition") == 2  # one sentence per condition
+    assert text.count("- **Primary comparison** (n=") == 2  # one sentence per condition, named by its factors
     assert "median - mean in sqerr:" in text and "95% paired t interval" in text
     page = (tmp_path / "report.html").read_text()
     assert 'id="comparisons"' in page and "<strong>Primary comparison</strong>" in page

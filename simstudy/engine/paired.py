@@ -157,7 +157,14 @@ def comparison_parts(result) -> dict | None:
     table = comparison_table(result)
     if not len(table):
         return None
-    label = (lambda r: f"condition {r['condition']}: ") if table["condition"].nunique() > 1 else (lambda r: "")
+    conditions = result.conditions.set_index("condition")
+    vary = [f for f in conditions.columns if conditions[f].astype(str).nunique() > 1]
+
+    def label(r) -> str:  # the condition by its varying factors ("n=10, p=0.05: "); nothing with one condition
+        if not vary:
+            return ""
+        return ", ".join(f"{f}={conditions.loc[r['condition'], f]}" for f in vary) + ": "
+
     primary = [label(r) + comparison_sentence(r) for _, r in table[table["primary"]].iterrows()]
     shown = table.drop(columns=["infinite"] if not table["infinite"].any() else [])
     return {"rule": COMPARISON_RULE, "primary": primary, "table": shown}

@@ -251,7 +251,7 @@ def write_report(result, outdir: str | os.PathLike, *, figures: Sequence[tuple[s
     compared = comparison_parts(result)  # the study's declared paired comparisons, the primary one first
     if compared is not None:
         lines += ["## Paired comparisons", "", compared["rule"], ""]
-        lines += [f"**Primary comparison** ({p})." for p in compared["primary"]] + ([""] if compared["primary"] else [])
+        lines += [f"- **Primary comparison** ({p})." for p in compared["primary"]] + ([""] if compared["primary"] else [])
         lines += [markdown_table(compared["table"]), ""]
     lines += ["## Performance", "", PERFORMANCE_NOTE, ""]
     if opts.get("reference"):
