@@ -144,3 +144,20 @@ def test_one_task_per_method_hands_the_backend_one_item_per_method(monkeypatch):
     Study(design={"n": [15]}, generate=normal_sample, analyse={"mean": mean_error, "median": median_error},
           replicates=2, seed=3, task_per_method=True).run(n_jobs=1, progress=False)
     assert sorted(seen) == [(0, 0, (0,)), (0, 0, (1,)), (0, 1, (0,)), (0, 1, (1,))]
+
+
+def test_a_run_logs_plain_progress_lines_when_not_on_a_terminal():
+    """In a log (no terminal) a run prints one plain line at most every ``interval`` seconds, none before."""
+    import io
+
+    from simstudy.engine.progress import LogProgress
+
+    out = io.StringIO()
+    quiet = LogProgress(32, "llm_shift", interval=3600.0, stream=out)
+    quiet.update(5)
+    assert out.getvalue() == ""  # nothing before the interval has passed: short runs stay silent
+    chatty = LogProgress(32, "llm_shift", interval=0.0, stream=out)
+    chatty.update(8)
+    line = out.getvalue().strip()
+    assert line.startswith("simstudy: llm_shift: 8 of 32 tasks done (25%), ") and "elapsed, about " in line
+    assert "\r" not in out.getvalue() and line.endswith("left")

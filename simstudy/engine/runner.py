@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import backends
+from .progress import make_progress
 from .artifacts import ARTIFACTS, remove_temporaries
 from .extension import import_other_counts, smaller_versions
 from .plan import Shard, parse_shard, planned_pairs
@@ -168,11 +168,7 @@ def run_study(study, opts: RunOptions, *, counts: Sequence[int] | None = None, k
 
         interrupted = False
         if items:
-            show = (sys.stderr.isatty() if opts.progress is None else bool(opts.progress))
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(items), disable=not show, unit="rep", desc=study.name, file=sys.stderr,
-                       dynamic_ncols=True, smoothing=0.05)
+            bar = make_progress(len(items), study.name, opts.progress)  # tqdm on a terminal, lines in a log
             try:
                 backends.execute(payload, items, n_jobs=opts.n_jobs, backend=opts.backend, scheduler=opts.scheduler,
                                  batch_size=opts.batch_size, on_rows=on_rows, on_items=bar.update, deadline=deadline)
