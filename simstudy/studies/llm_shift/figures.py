@@ -86,8 +86,13 @@ def shift_figures(result, outdir) -> list[tuple[str, Path]]:
             for s in labels:
                 diffs[f"dnll_{s}"] = diffs[f"nll_{s}"].to_numpy() - ref[f"nll_{s}"].reindex(index).to_numpy()
             title = "NLL per token minus mle's, paired by replicate"
+            from scipy import stats  # bars: the paired t interval of the report's comparisons (R - 1 df)
+
+            pairs = int(diffs.groupby("method").size().max())
+            z = float(stats.t.ppf(0.975, pairs - 1)) if pairs > 1 else 1.96
             fig = method_panels(diffs, [f"dnll_{s}" for s in labels], [names.get(s, s) for s in labels],
-                                ylabel="nats per token (below 0: better than mle)", title=title, methods=methods)
+                                ylabel="nats per token (below 0: better than mle)", methods=methods, z=z,
+                                title=f"{title}; t_{pairs - 1} quantile" if pairs > 1 else title)
             for ax in fig.axes:
                 ax.axhline(0.0, color="0.4", lw=0.8)
             out.append((title, save_figure(fig, outdir / "llm_shift_nll_vs_mle.png")))
