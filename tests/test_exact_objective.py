@@ -2,7 +2,8 @@
 today's autograd implementation, kept here as a reference copy, to 1e-10 in float64: the objective
 and its gradient, c = 1 and c = 2 iid, q = 1 and q = 2, an autoregressive continuation, every logit
 source (MLP and linear window networks by hand, a transformer and an MLP perturbation by autograd),
-logit scales far from 1, several blocks; and fit_exact reaches the reference solver's root."""
+logit scales far from 1, several blocks; float32 is close for every logit source and leaves the model
+alone; the node-doubling check prunes like its rule; and fit_exact reaches the reference solver's root."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ from simstudy import quadrature
 from simstudy.dgm import PerturbedNextToken
 from simstudy.fit import exact_objective, fit_exact
 from simstudy.fit.blocked_likelihood import blocked_log_likelihood, plan_prefixes
-from simstudy.fit.exact import group_data
+from simstudy.fit.exact import group_data, refined_rule
 
 
 # ---- the reference: simstudy/fit/exact.py before issue 11 -------------------------------------------
@@ -165,6 +166,48 @@ def test_float32_precision_is_close_and_no_grad_evaluates_only_the_value():
     with torch.no_grad():
         plain = exact_objective(student, x, y, rule=RULE_Q2)
     assert not plain.requires_grad and float(plain) == pytest.approx(ref_value, abs=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(network="linear"), dict(network="transformer"), dict(perturbation="mlp")],
+                         ids=["linear-network", "transformer", "mlp-perturbation"])
+def test_float32_is_close_for_every_logit_source_and_leaves_the_model_alone(options):
+    dgm = PerturbedNextToken.reference("five-token", seed=5, observations=2)
+    x, y = _data(dgm, 300, seed=7)
+    student = _student(dgm, seed=8, scale=0.4, **options)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ref_value, ref_grad = _value_and_grad(lambda: reference_objective(student, x, y, RULE_Q1), student)
+    value, grad = _value_and_grad(lambda: exact_objective(student, x, y, rule=RULE_Q1, precision="float32"), student)
+    assert value == pytest.approx(ref_value, abs=1e-5)
+    assert float((grad - ref_grad).abs().max()) <= 1e-4 * float(ref_grad.abs().max())
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in student.state_dict().items())
+
+
+def test_a_plan_builds_its_blocks_once():
+    dgm = PerturbedNextToken.reference("five-token", seed=7, observations=2, latent_dim=2)
+    x, y = _data(dgm, 500, seed=11)
+    student = _student(dgm, seed=12)
+    grouped = group_data(x, y)
+    with torch.no_grad():
+        first = exact_objective(student, x, y, rule=RULE_Q2, grouped=grouped)
+        blocks = grouped.plan.blocks
+        second = exact_objective(student, x, y, rule=RULE_Q2, grouped=grouped)
+    assert grouped.plan.blocks is blocks and float(first) == float(second)
+    assert len(grouped.plan.block_list(3)) == -(-grouped.plan.prefixes.shape[0] // 3)
+    assert sum(len(b.local) for b in grouped.plan.block_list(3)) == grouped.xu.shape[0]
+
+
+def test_the_node_doubling_check_prunes_like_its_rule():
+    pruned = quadrature.pruned_trapezoid(15, 2)
+    fine = refined_rule(pruned)
+    assert fine.size == quadrature.pruned_trapezoid(29, 2).size < 29 ** 2
+    assert refined_rule(quadrature.trapezoid(15, 2)).size == 29 ** 2  # a full rule refines to the full rule
+    assert refined_rule(RULE_Q1).size == 81
+    dgm = PerturbedNextToken.reference("five-token", seed=7, observations=2, latent_dim=2)
+    x, y = _data(dgm, 300, seed=11)
+    student = _student(dgm, seed=12)
+    with torch.no_grad():  # the pruned nodes weigh below 1e-11 in all: the check's estimate is unchanged
+        values = [float(exact_objective(student, x, y, rule=r)) for r in (fine, quadrature.refined(pruned))]
+    assert values[0] == pytest.approx(values[1], abs=1e-10)
 
 
 def test_a_bad_precision_gives_one_line():
