@@ -1,34 +1,39 @@
-"""Benchmark: the exact solver's likelihood objective, today's autograd implementation against the blocked one
-with its analytic gradient (DESIGN §3 "Solving the equations"; issue 11: at least 15 times faster).
+"""Benchmark: the exact solver's likelihood objective, the old autograd implementation against the blocked one
+with its analytic gradient (DESIGN §3 "Solving the equations"; issue 11: at least 15 times faster, an exact ps
+solve in the identified design in 20 s or less on one thread, the same root to the solver's tolerance).
 
 Design: the identified design (``PerturbedNextToken.reference("identified", seed=0)``), n = 5000 data,
 the default student (float64, linear perturbation, q = 2), rule ``pruned_trapezoid(31, 2)`` (509
 nodes), the objective "likelihood" (the root of ps-exact). Everything runs in ONE process on ONE
 thread (``torch.set_num_threads(1)``), old and new in the same run, the evaluations interleaved so
-that every ratio is measured under the same load.
+that every ratio is measured under the same load. Times are given as wall seconds and as CPU seconds
+of this process (``time.process_time``): on a shared machine the CPU seconds are the steadier measure
+(they leave out the time the process waited for a core, not the slowdown from sharing caches and
+memory bandwidth); the load average is printed at the start and the end.
 
 It prints
 
 1. the time per objective + gradient evaluation (median and minimum over ``--reps`` interleaved
    repetitions) of the reference copy of the old implementation (below: (D, M, c) token
    log-likelihoods by autograd through log_softmax and a gather) and of
-   :func:`simstudy.fit.exact_objective` in float64 and float32, the ratios old / new, and the
-   differences of the objective and of its gradient from the old ones at the initialisation;
+   :func:`simstudy.fit.exact_objective` in float64 and float32, the ratios old / new (median of the
+   per-repetition ratios), and the differences of the objective and of its gradient from the old ones
+   at the initialisation;
 2. full solves (L-BFGS, ``max_refinements=0`` as in the extrapolation check): the old solver at
    ``--old-max-iter`` (its full 300-iteration solve takes 15 minutes or more) beside the new one
    in float64 and "mixed" precision at the same cap (their roots agree with the old one there), then
    the new solver at ``--max-iter`` (300, the check's cap) in float64, in float64 from an
    initialisation moved by a relative 1e-12 (how much the capped solve depends on its path: the
-   yardstick for any comparison of roots), and in "mixed" precision: seconds (the old one split into
-   its L-BFGS iterations and the quadrature-error check), evaluations, objective, gradient norm,
-   quadrature error, and the root differences (objective, max and mean abs difference of the fitted
-   marginals on all 1681 prefixes); the old full solve's time is estimated from its seconds per
+   yardstick for any comparison of roots), and in "mixed" precision: seconds (wall and CPU; the old one
+   split into its L-BFGS iterations and the quadrature-error check), evaluations, objective, gradient
+   norm, quadrature error, and the root differences (objective, max and mean abs difference of the
+   fitted marginals on all 1681 prefixes); the old full solve's time is estimated from its seconds per
    L-BFGS evaluation;
 3. a node-doubling check at the mixed-precision root: the objective with ``pruned_trapezoid(k, 2)``
    for k = 21, 31, 61 (the solver's quadrature tolerance is 1e-7).
 
     python experiments/benchmarks/bench_exact_solver.py [--reps 5] [--max-iter 300] [--old-max-iter 30]
-    (about 15 minutes on one idle core, mostly the 300-iteration solves)
+    (about 10 minutes on one idle core, mostly the old solve and the 300-iteration solves)
 """
 from __future__ import annotations
 
@@ -105,7 +110,7 @@ def value_and_grad(fn, model):
     return float(value.detach()), torch.cat([g.reshape(-1) for g in grads])
 
 
-def time_evaluations(student, x, y, rule, reps: int) -> None:
+def time_evaluations(student, x, y, rule, reps: int) -> dict:
     grouped_old, grouped_new = reference_group(x, y), group_data(x, y)
     cases = {
         "old (autograd, float64)": lambda: reference_objective(student, grouped_old, rule),
@@ -114,21 +119,31 @@ def time_evaluations(student, x, y, rule, reps: int) -> None:
                                                           precision="float32"),
     }
     reference = value_and_grad(cases["old (autograd, float64)"], student)
-    times = {k: [] for k in cases}
+    wall = {k: [] for k in cases}
+    cpu = {k: [] for k in cases}
+    for fn in cases.values():  # warm-up: the plan's index tensors, first-call allocations
+        value_and_grad(fn, student)
     for _ in range(reps):  # interleaved: every case sees the same load
         for key, fn in cases.items():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             value_and_grad(fn, student)
-            times[key].append(time.perf_counter() - started)
-    old = np.median(times["old (autograd, float64)"])
-    print(f"objective + gradient at the initialisation, {reps} interleaved repetitions (seconds per evaluation)")
-    print(f"{'implementation':<26} {'median':>8} {'min':>8} {'ratio':>7} {'|dF|':>9} {'max|dgrad|':>11} "
-          f"{'rel dgrad':>9}")
+            wall[key].append(time.perf_counter() - started)
+            cpu[key].append(time.process_time() - started_cpu)
+    old_wall, old_cpu = np.array(wall["old (autograd, float64)"]), np.array(cpu["old (autograd, float64)"])
+    print(f"objective + gradient at the initialisation, {reps} interleaved repetitions (seconds per evaluation; "
+          "ratio: median over repetitions of old / new)")
+    print(f"{'implementation':<26} {'wall med':>8} {'min':>7} {'ratio':>6} {'cpu med':>8} {'min':>7} {'ratio':>6} "
+          f"{'|dF|':>9} {'max|dgrad|':>11} {'rel dgrad':>9}")
+    ratios = {}
     for key, fn in cases.items():
         value, grad = value_and_grad(fn, student)
         diff = float((grad - reference[1]).abs().max())
-        print(f"{key:<26} {np.median(times[key]):8.3f} {np.min(times[key]):8.3f} {old / np.median(times[key]):7.1f} "
-              f"{abs(value - reference[0]):9.1e} {diff:11.1e} {diff / float(reference[1].abs().max()):9.1e}")
+        w, c = np.array(wall[key]), np.array(cpu[key])
+        ratios[key] = (float(np.median(old_wall / w)), float(np.median(old_cpu / c)))
+        print(f"{key:<26} {np.median(w):8.3f} {w.min():7.3f} {ratios[key][0]:6.1f} {np.median(c):8.3f} {c.min():7.3f} "
+              f"{ratios[key][1]:6.1f} {abs(value - reference[0]):9.1e} {diff:11.1e} "
+              f"{diff / float(reference[1].abs().max()):9.1e}")
+    return ratios
 
 
 def marginals(model, prefixes: torch.Tensor) -> np.ndarray:
@@ -143,10 +158,12 @@ def solve(label, student, fitter, prefixes, *, nudge: float = 0.0):
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1 + nudge * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    stats = fitter(model)
+    started_cpu = time.process_time()
+    stats = dict(fitter(model))
+    stats["cpu_seconds"] = time.process_time() - started_cpu
     probs = marginals(model, prefixes)
-    print(f"{label:<40} {stats['seconds']:8.1f} {stats['evaluations']:6d} {stats['objective']:17.12f} "
-          f"{stats['grad_norm']:10.2e} {stats['quadrature_error']:9.1e}", flush=True)
+    print(f"{label:<40} {stats['seconds']:8.1f} {stats['cpu_seconds']:8.1f} {stats['evaluations']:6d} "
+          f"{stats['objective']:17.12f} {stats['grad_norm']:10.2e} {stats['quadrature_error']:9.1e}", flush=True)
     return stats, probs, model
 
 
@@ -164,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])  # its first construction imports torch._dynamo (seconds)
     dgm = PerturbedNextToken.reference("identified", seed=args.seed)
     x, y = dgm.sample(5000, np.random.default_rng(args.seed)).tensors()
     student = dgm.make_student(seed=args.seed + 1)
@@ -171,15 +189,16 @@ def main() -> None:
     prefixes = torch.as_tensor(dgm.prefixes("all"))
     print(f"identified design, n = 5000 ({group_data(x, y).xu.shape[0]} distinct data, "
           f"{torch.unique(x, dim=0).shape[0]} distinct prefixes), {rule.size} nodes, V = {dgm.vocab_size}, "
-          f"one thread; load average at the start {os.getloadavg()[0]:.1f}\n")
-    time_evaluations(student, x, y, rule, args.reps)
+          f"one thread; load average at the start {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)\n")
+    ratios = time_evaluations(student, x, y, rule, args.reps)
 
     def new(precision, max_iter):
         return lambda m: fit_exact(m, x, y, rule=rule, max_iter=max_iter, max_refinements=0,
                                    precision=precision).stats
 
     print(f"\nfull solves (L-BFGS, max_refinements=0); marginals on all {len(prefixes)} prefixes")
-    print(f"{'solve':<40} {'seconds':>8} {'evals':>6} {'objective':>17} {'grad norm':>10} {'quad err':>9}")
+    print(f"{'solve':<40} {'wall s':>8} {'cpu s':>8} {'evals':>6} {'objective':>17} {'grad norm':>10} "
+          f"{'quad err':>9}")
     k = args.old_max_iter
     old_short = solve(f"old, max_iter={k}", student, lambda m: reference_fit(m, x, y, rule, max_iter=k), prefixes)
     short64 = solve(f"new float64, max_iter={k}", student, new("float64", k), prefixes)
@@ -199,9 +218,9 @@ def main() -> None:
     check_old = old_short[0]["seconds"] - old_short[0]["lbfgs_seconds"]
     for label, res in (("float64", full64), ("mixed", mixed)):
         estimate = per_eval_old * res[0]["evaluations"] + check_old
-        print(f"  new {label} full solve {res[0]['seconds']:.1f} s; old at {per_eval_old:.2f} s per evaluation "
-              f"+ its check: about {estimate:.0f} s for {res[0]['evaluations']} evaluations "
-              f"(ratio {estimate / res[0]['seconds']:.1f})")
+        print(f"  new {label} full solve {res[0]['seconds']:.1f} s wall ({res[0]['cpu_seconds']:.1f} s CPU); old at "
+              f"{per_eval_old:.2f} s per evaluation + its check: about {estimate:.0f} s for {res[0]['evaluations']} "
+              f"evaluations (ratio {estimate / res[0]['seconds']:.1f})")
 
     print("\nnode doubling at the mixed-precision root (pruned trapezoid, k nodes per dimension):")
     model = mixed[2]
@@ -212,6 +231,12 @@ def main() -> None:
     for k, v in values.items():
         print(f"  k = {k:2d} ({quadrature.pruned_trapezoid(k, 2).size:4d} nodes): objective {v:.12f}, "
               f"difference from k = 61 {v - values[61]:+.1e}")
+    wall64, cpu64 = ratios["new (blocked, float64)"]
+    wall32, cpu32 = ratios["new (blocked, float32)"]
+    print(f"\nsummary: one evaluation old / new {wall64:.1f}x (float64), {wall32:.1f}x (float32) in wall time, "
+          f"{cpu64:.1f}x and {cpu32:.1f}x in CPU time; a {args.max_iter}-iteration solve {mixed[0]['seconds']:.1f} s "
+          f"wall ({mixed[0]['cpu_seconds']:.1f} s CPU) mixed, {full64[0]['seconds']:.1f} s wall "
+          f"({full64[0]['cpu_seconds']:.1f} s CPU) float64; load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
