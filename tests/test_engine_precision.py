@@ -160,3 +160,19 @@ def test_the_command_line_runs_to_a_precision_target(tmp_path, capsys):
         assert main(args[:7] + ["--out", str(tmp_path / "bad")] + bad) == 2
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err
+
+
+def test_a_loaded_store_keeps_its_precision_table_until_its_rows_change(tmp_path):
+    """``StudyResult.load`` (and so ``simstudy report DIR``) restores the precision table of a run to a target;
+    once a later run changes the replicates per condition the stale table is dropped."""
+    from simstudy.engine import StudyResult
+
+    store = tmp_path / "s"
+    res = _study(replicates=20).run(target_mcse={"coverage": 0.001}, max_replicates=40, store=store)
+    loaded = StudyResult.load(store)
+    assert loaded.precision is not None
+    pd.testing.assert_frame_equal(loaded.precision, res.precision, check_dtype=False)
+    loaded.report(tmp_path / "out")
+    assert "## Precision target" in (tmp_path / "out" / "report.md").read_text()
+    _study(replicates=60).run(store=store)  # a plain run extends the store: the table no longer describes it
+    assert StudyResult.load(store).precision is None

@@ -263,7 +263,9 @@ class StudyResult:
         manifest = read_manifest(path)
         fin = finalise(read_rows(path), manifest["conditions"], list(manifest["methods"]),
                         manifest.get("truths") or [{}] * len(manifest["conditions"]))
-        return cls(fin.table, manifest=manifest, timings=fin.timings)
+        res = cls(fin.table, manifest=manifest, timings=fin.timings)
+        res.precision = _stored_precision(Path(path), res.table)
+        return res
 
     def comparisons(self) -> pd.DataFrame:
         """The study's declared paired comparisons (``options["comparisons"]``) per condition, with their
@@ -286,3 +288,21 @@ class StudyResult:
         from .report_html import write_reports
 
         return write_reports(self, outdir, figures=figures)
+
+
+def _stored_precision(path: Path, table: pd.DataFrame) -> pd.DataFrame | None:
+    """The store's ``precision.csv`` (a run to a precision target) while it still describes the stored rows:
+    None when there is none, or when the replicates per condition have changed since (a later run)."""
+    from .precision import PRECISION_FILE
+
+    file = path / PRECISION_FILE
+    if not file.is_file():
+        return None
+    try:
+        precision = pd.read_csv(file)
+        done = table.groupby("condition")["replicate"].nunique()
+        current = all(int(done.get(c, 0)) == int(n) for c, n in zip(precision["condition"], precision["replicates"]))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return None
+    return precision if current else None
+
