@@ -13,6 +13,7 @@ import pytest
 from simstudy.cli import main
 from simstudy.engine import FitFailure, Study
 from simstudy.engine.report_html import write_report_html, write_reports
+from study_texts import binomial_study
 
 NASTY = '<script>alert("x")</script> & <b>bold</b>'
 INSTALL = "apt-get update && apt-get install -y chromium"
@@ -116,26 +117,7 @@ def test_study_result_report_and_the_cli_write_report_html(result, tmp_path, cap
     assert page.srcs and all(s.startswith("data:image/png") for s in page.srcs)
 
 
-_TOML = """
-[study]
-kind = "generic"
-name = "bin"
-replicates = 20
-seed = 3
-
-[design]
-n = [20, 80]
-p = [0.2, 0.5]
-
-[generate]
-function = "simstudy.studies.examples:binomial_data"
-
-[truth]
-function = "simstudy.studies.examples:binomial_truth"
-
-[methods.wald]
-function = "simstudy.studies.examples:wald_interval"
-"""
+_TOML = binomial_study(name="bin", replicates=20, seed=3)
 
 
 # -- in a browser --------------------------------------------------------------------------------------------

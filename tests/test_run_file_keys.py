@@ -11,26 +11,9 @@ from simstudy.cli_run_control import EXIT_OUT_OF_TIME
 from simstudy.engine import StudyResult
 from simstudy.studies.spec import parse_study_text
 from simstudy.studies.tables import SpecError, check_run_table
+from study_texts import binomial_study
 
-STUDY = """
-[study]
-name = "keys"
-replicates = 20
-seed = 7
-
-[design]
-n = [10, 50]
-p = [0.1, 0.5]
-
-[generate]
-function = "simstudy.studies.examples:binomial_data"
-
-[truth]
-function = "simstudy.studies.examples:binomial_truth"
-
-[methods.wald]
-function = "simstudy.studies.examples:wald_interval"
-"""
+STUDY = binomial_study(name="keys", replicates=20, seed=7, n=(10, 50), p=(0.1, 0.5))
 RUN = """
 [run]
 n_jobs = 1
