@@ -48,7 +48,7 @@ from .measures import MEASURES
 from .plan import replicate_counts
 from .result import StudyResult
 from .runner import RunOptions, run_study
-from .storage import atomic_write_text, read_manifest
+from .storage import PRECISION, atomic_write_text, read_manifest
 
 __all__ = ["MIN_GROWTH", "MIN_REPLICATES", "PRECISION_FILE", "PrecisionTarget", "run_to_precision"]
 
@@ -57,7 +57,7 @@ MIN_REPLICATES = 10
 #: Least factor by which a condition that has not reached its target grows in a round.
 MIN_GROWTH = 1.25
 #: The per-condition table, written to the store.
-PRECISION_FILE = "precision.csv"
+PRECISION_FILE = PRECISION  # the store file, named once in .storage
 
 
 @dataclass(frozen=True)

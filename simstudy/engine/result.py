@@ -19,7 +19,7 @@ from .design import conditions_frame
 from .design_columns import with_design
 from .plan import planned_rows
 from .rates import RateResult, fit_rate
-from .storage import MANIFEST, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
+from .storage import MANIFEST, PRECISION, TABLE, atomic_write_parquet, atomic_write_text, read_manifest, read_rows
 from .summary_view import StudySummary
 from .tidy import finalise
 
@@ -293,9 +293,7 @@ class StudyResult:
 def _stored_precision(path: Path, table: pd.DataFrame) -> pd.DataFrame | None:
     """The store's ``precision.csv`` (a run to a precision target) while it still describes the stored rows:
     None when there is none, or when the replicates per condition have changed since (a later run)."""
-    from .precision import PRECISION_FILE
-
-    file = path / PRECISION_FILE
+    file = path / PRECISION
     if not file.is_file():
         return None
     try:

@@ -50,6 +50,7 @@ __all__ = ["Store", "config_hash", "callable_fingerprint", "read_manifest", "rea
 MANIFEST = "manifest.json"
 TABLE = "replicates.parquet"
 CHUNKS = "chunks"
+PRECISION = "precision.csv"  # a run to a precision target: replicates used and MCSE reached (see .precision)
 DAMAGED = "damaged"  # damaged files moved aside by a repair, kept for inspection (see .repair)
 KEY = ["condition", "replicate", "method"]
 ROW_COLUMNS = (*KEY, "status", "message")
