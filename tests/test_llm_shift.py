@@ -244,3 +244,25 @@ def test_a_training_pool_gives_each_replicate_its_own_pairs(fortunes):
     assert draws[0].seed == same[0].seed  # the seed is drawn first, as before
     with pytest.raises(ValueError, match=r"^train_pool=3 is invalid; allowed: 0 \(no resampling\) or an integer >= "):
         llm_shift.DataConfig(train_pool=3, **kwargs)
+
+
+def test_a_stored_run_keeps_per_pair_nlls_and_gives_the_evaluation_sets_own_error(fortunes, tmp_path):
+    """Each method keeps its per-pair NLL per token of every split (artifacts); their mean is the row's nll and
+    evaluation_error gives the paired difference's standard error over the evaluation pairs (issue 14)."""
+    from simstudy.engine.artifacts import artifact_path
+
+    study = _build(_text(fortunes))
+    res = study.run(n_jobs=1, progress=False, store=tmp_path / "s")
+    for method in ("mle", "q2"):
+        row = res.table[res.table["method"] == method].iloc[0]
+        for split in ("id", "de"):
+            values = np.load(artifact_path(tmp_path / "s" / "artifacts", 0, 0, method) / f"nll_{split}.npy")
+            assert values.shape == (8,) and math.isclose(values.mean(), row[f"nll_{split}"], rel_tol=1e-9)
+            assert math.isclose(values.std(ddof=1) / math.sqrt(8), row[f"nll_{split}_se"], rel_tol=1e-9)
+    err = llm_shift.evaluation_error(tmp_path / "s", method="q2", reference="mle", split="de")
+    t = res.table.set_index("method")
+    assert list(err["replicate"]) == [0] and err["pairs"].iloc[0] == 8
+    assert math.isclose(err["difference"].iloc[0], t.loc["q2", "nll_de"] - t.loc["mle", "nll_de"], rel_tol=1e-9)
+    assert 0 < err["se"].iloc[0] < math.inf
+    with pytest.raises(ValueError, match="method='ps-mh' is not a method of the study"):
+        llm_shift.evaluation_error(tmp_path / "s", method="ps-mh", reference="mle", split="de")

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from ..metrics import has_eval_latent, iwae_log_marginal
 from ..validation import check_choice, check_int
-from .generate import GenerationOptions, generate, sample_continuations
+from .generate import GenerationOptions, sample_continuations
 from .perturbed import PerturbedCausalLM
 
 SCOPES = ("datum", "token")
@@ -52,9 +52,10 @@ class PerplexityResult:
     num_draws: int
     scope: str
     exact: bool
+    values: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (N,) log m per datum
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "values"}
 
     def summary(self) -> str:
         how = "exact (no latent at evaluation)" if self.exact else f"IWAE bound, K = {self.num_draws}, {self.scope}"
@@ -90,7 +91,7 @@ def iwae_perplexity(model: PerturbedCausalLM, x: torch.Tensor, y: torch.Tensor, 
     exact = not has_eval_latent(model)
     return PerplexityResult(perplexity=ppl, perplexity_se=ppl * se, log_lik_per_token=per_token,
                             log_lik_per_token_se=se, num_data=n, num_tokens=n * c,
-                            num_draws=1 if exact else num_draws, scope=scope, exact=exact)
+                            num_draws=1 if exact else num_draws, scope=scope, exact=exact, values=values)
 
 
 # ---- ROUGE-1 -------------------------------------------------------------------------------------------------

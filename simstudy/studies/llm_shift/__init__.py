@@ -15,12 +15,16 @@ ADEMP:
   corpora's hash splits (:mod:`simstudy.llm.corpora`): the first ``n_train``
   windows of the train corpus's ``train`` split, the first ``n_eval`` of the
   ``test`` split of the train corpus (label ``id``) and of each out-of-domain
-  corpus (its ``ood_splits`` in turn, ``test`` by default). The data are the
-  same in every replicate: a replicate's random stream only seeds what is
-  random in a fit (minibatch order, LoRA and perturbation initialisation, latent
-  draws) and in its evaluation (IWAE draws, sampled tokens). So the MCSEs
-  measure training and evaluation randomness on fixed data, not sampling
-  variability of the corpora.
+  corpus (its ``ood_splits`` in turn, ``test`` by default). Without
+  ``train_pool`` the data are the same in every replicate: a replicate's random
+  stream only seeds what is random in a fit (minibatch order, LoRA and
+  perturbation initialisation, latent draws) and in its evaluation (IWAE draws,
+  sampled tokens), so the MCSEs measure training and evaluation randomness on
+  fixed data. With ``train_pool = N`` each replicate draws its own ``n_train``
+  training pairs from the first N, so they cover the training data's variation
+  too. The evaluation pairs stay fixed: their own error is measured within each
+  replicate (``nll_S_se``; for a paired difference, :func:`evaluation_error`
+  from the per-pair NLLs a stored run keeps as artifacts).
 * methods (``[methods.NAME]``), all by :func:`simstudy.fit.fit_sgd`, LoRA always on:
 
   ======== ================= =========================================== ========
@@ -158,7 +162,9 @@ The package, one concept a module:
 * :mod:`.caches` -- the per-process base model, corpora and token pairs;
 * :mod:`.analysis` -- ``generate`` and ``analyse``;
 * :mod:`.build` -- the study-file builder and the environment check;
-* :mod:`.figures` -- :func:`shift_figures`, the figure hook.
+* :mod:`.figures` -- :func:`shift_figures`, the figure hook;
+* :mod:`.pairs` -- :func:`evaluation_error`, the evaluation set's own error in a paired comparison
+  (from the per-pair NLLs every method of a stored run keeps as artifacts).
 """
 from .. import spec
 from .analysis import (EQUATION_STATS, RejectionBudget, ShiftData, build_model, eval_scope, make_analyse,
@@ -169,12 +175,13 @@ from .caches import base_model, condition_pairs, token_pairs
 from .config import DESIGN_KEYS, EVAL_SCOPES, DataConfig, EvalConfig, ModelConfig, condition_data
 from .figures import method_panels, shift_figures
 from .methods import BASELINES, METHOD_KEYS, LLMMethod, list_methods, method_from_table
+from .pairs import evaluation_error
 
 __all__ = [
     "BASELINES", "DESIGN_KEYS", "EQUATION_STATS", "EVAL_SCOPES", "FIGURE_HOOK", "KIND", "LLM_EXTRA", "METHOD_KEYS",
     "VERSION", "DataConfig", "EvalConfig", "LLMMethod", "ModelConfig", "RejectionBudget", "ShiftData",
     "base_model", "build_model", "build_study", "check_environment", "condition_data", "condition_pairs",
-    "default_headline", "eval_scope", "from_table", "list_methods", "make_analyse", "make_generate",
+    "default_headline", "eval_scope", "evaluation_error", "from_table", "list_methods", "make_analyse", "make_generate",
     "method_from_table", "method_panels", "perturbation_rms", "shift_figures", "token_pairs",
 ]
 

@@ -25,9 +25,11 @@ from .caches import base_model, condition_pairs
 from .config import DataConfig, EvalConfig, ModelConfig, condition_data
 from .methods import LLMMethod
 
-__all__ = ["EQUATION_STATS", "RejectionBudget", "ShiftData", "build_model", "eval_scope", "fitted_folder",
+__all__ = ["EQUATION_STATS", "PAIR_NLL_PREFIX", "RejectionBudget", "ShiftData", "build_model", "eval_scope", "fitted_folder",
            "make_analyse", "make_generate", "perturbation_rms"]
 
+#: artifact file of a split's per-pair NLL per token (``nll_<label>.npy``; :mod:`.pairs` reads them)
+PAIR_NLL_PREFIX = "nll_"
 #: equation statistics reported (means over the fit's steps), as ``fit_<name>``.
 EQUATION_STATS = ("acceptance_rate", "ess_fraction", "K_mean", "estimate_sd")
 
@@ -140,7 +142,7 @@ def _summaries(out: dict, d: DataConfig, scope: str, fit, lm) -> None:
 def make_analyse(method: LLMMethod, model: ModelConfig, data: DataConfig, evaluation: EvalConfig):
     """``analyse(data, cond)`` for the engine: fit ``method`` on the training pairs, return its metrics."""
 
-    def analyse(shift: ShiftData, cond: dict) -> dict:
+    def analyse(shift: ShiftData, cond: dict, ctx=None) -> dict:
         from ...llm import generation_metrics, iwae_perplexity
 
         d = condition_data(data, cond)
@@ -168,6 +170,8 @@ def make_analyse(method: LLMMethod, model: ModelConfig, data: DataConfig, evalua
             out[f"ppl_{label}"] = ppl.perplexity
             out[f"nll_{label}"] = -ppl.log_lik_per_token
             out[f"nll_{label}_se"] = ppl.log_lik_per_token_se  # the split's own sampling error, within the replicate
+            if ctx is not None and ctx.root is not None:  # per-pair NLL per token: paired errors across methods
+                np.save(ctx.artifact_dir / f"{PAIR_NLL_PREFIX}{label}.npy", (-ppl.values / y.shape[1]).numpy())
             out["iwae_draws"] = float(ppl.num_draws)
             if evaluation.generation and d.n_generate:
                 n = d.n_generate
