@@ -68,6 +68,7 @@ def test_the_report_states_the_rule_and_the_primary_comparison(result, tmp_path)
     assert "median - mean in sqerr:" in text and "95% paired t interval" in text
     page = (tmp_path / "report.html").read_text()
     assert 'id="comparisons"' in page and "<strong>Primary comparison</strong>" in page
+    assert '<a href="#comparisons">Comparisons</a>' in page
     assert len(comparison_table(result)) == 4
 
 

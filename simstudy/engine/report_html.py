@@ -119,8 +119,9 @@ def write_report_html(result, outdir: str | os.PathLike, *,
     if opts.get("description"):
         parts.append(f"<p>{_esc(opts['description'])}</p>")
     parts.append("<ul>" + "".join(f"<li>{_code(f)}</li>" for f in report_facts(result)) + "</ul>")
-    sections = ["design", "failures"] + (["precision"] if result.precision is not None else []) + [
-        "performance"] + (["rates"] if rates else []) + (
+    compared = comparison_parts(result)  # the study's declared paired comparisons, the primary one first
+    sections = ["design", "failures"] + (["precision"] if result.precision is not None else []) + (
+        ["comparisons"] if compared is not None else []) + ["performance"] + (["rates"] if rates else []) + (
         ["figures"] if figures or skipped else []) + ["settings"]
     parts.append("<nav>" + "".join(f'<a href="#{s}">{s.capitalize()}</a>' for s in sections) + "</nav>")
     parts += ['<h2 id="design">Design</h2>', html_table(design_table(result))]
@@ -138,7 +139,6 @@ def write_report_html(result, outdir: str | os.PathLike, *,
     if result.precision is not None:
         parts += ['<h2 id="precision">Precision target</h2>', f"<p>{_esc(PRECISION_NOTE)}</p>",
                   html_table(result.precision)]
-    compared = comparison_parts(result)  # the study's declared paired comparisons, the primary one first
     if compared is not None:
         parts += ['<h2 id="comparisons">Paired comparisons</h2>', f"<p>{_esc(compared['rule'])}</p>"]
         parts += [f"<p><strong>Primary comparison</strong> ({_esc(p)}).</p>" for p in compared["primary"]]
