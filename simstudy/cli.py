@@ -156,6 +156,7 @@ def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool =
 def _cmd_run(args) -> int:
     from .engine import StoreBusyError, StoreDamagedError, StoreMismatchError
     from .cli_run_control import figure_formats_of, format_precision, replicates_text, run_control, run_outcome
+    from .engine.paired import format_comparisons
     from .engine.report import format_failures, format_summary
     from .studies.spec import SpecError, load_study_file
 
@@ -226,6 +227,8 @@ def _cmd_run(args) -> int:
         print(r.summary())
     if res.precision is not None:
         print(format_precision(res.precision))
+    if (compared := format_comparisons(res)) is not None:  # the study's declared paired comparisons, decided
+        print(compared)
     kinds = ", ".join(sorted({p.suffix[1:] for p in getattr(o["figures"], "files", [])})) or "none"
     print(f"wrote {out}/replicates.parquet, summary.csv, report.md, report.html, figures/ ({len(o['figures'])} "
           f"figures: {kinds})")
@@ -239,6 +242,7 @@ def _load(dir_: str):
 
 
 def _cmd_summarize(args) -> int:
+    from .engine.paired import format_comparisons
     from .engine.report import format_summary
     from .engine.storage import atomic_write_text
 
@@ -258,6 +262,8 @@ def _cmd_summarize(args) -> int:
     print(format_summary(summary))
     for r in res.rates() if len(res.table) else []:
         print(r.summary())
+    if (compared := format_comparisons(res)) is not None:
+        print(compared)
     if problem:  # a read-only store is read all the same; only summary.csv is not written
         print(f"simstudy: note: summary.csv not written: {problem}", file=sys.stderr)
         return 0

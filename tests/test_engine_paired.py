@@ -162,3 +162,17 @@ def test_a_run_logs_plain_progress_lines_when_not_on_a_terminal():
     line = out.getvalue().strip()
     assert line.startswith("simstudy: llm_shift: 8 of 32 tasks done (25%), ") and "elapsed, about " in line
     assert "\r" not in out.getvalue() and line.endswith("left")
+
+
+def test_the_command_line_prints_the_decided_comparisons(tmp_path, capsys):
+    from simstudy.cli import main
+
+    path = tmp_path / "s.toml"
+    path.write_text(textwrap.dedent(STUDY.replace("METHOD", "wald")).replace("n = [10]", "n = [10]\np = [0.3]"))
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert main(["summarize", str(tmp_path / "o")]) == 0
+    again = capsys.readouterr().out
+    for out in (first, again):
+        assert "Primary comparison: wilson - wald in ci_high: " in out and " over 3 replicates " in out
+        assert "Paired comparisons (1; report.md says how they are decided):" in out

@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import stats
 
 __all__ = ["COMPARISON_KEYS", "COMPARISON_RULE", "check_comparisons", "comparison_parts", "comparison_sentence",
-           "comparison_table", "paired_differences", "verdict"]
+           "comparison_table", "format_comparisons", "paired_differences", "verdict"]
 
 #: keys of one declared comparison (``[summary] comparisons`` / ``Study(options={"comparisons": [...]})``)
 COMPARISON_KEYS = ("method", "reference", "metric", "lower_is_better", "primary", "level")
@@ -168,3 +168,19 @@ def comparison_parts(result) -> dict | None:
     primary = [label(r) + comparison_sentence(r) for _, r in table[table["primary"]].iterrows()]
     shown = table.drop(columns=["infinite"] if not table["infinite"].any() else [])
     return {"rule": COMPARISON_RULE, "primary": primary, "table": shown}
+
+
+def format_comparisons(result) -> str | None:
+    """The declared comparisons for a terminal: the primary one as a sentence per condition, then every
+    comparison's verdict on a line; None when the study declares none."""
+    parts = comparison_parts(result)
+    if parts is None:
+        return None
+    lines = [f"Primary comparison: {p}" for p in parts["primary"]]
+    table = parts["table"]
+    lines.append(f"Paired comparisons ({len(table)}; report.md says how they are decided):")
+    for _, r in table.iterrows():
+        where = f"condition {r['condition']}: " if table["condition"].nunique() > 1 else ""
+        lines.append(f"  {where}{r['method']} - {r['reference']} in {r['metric']}: {r['difference']:+.4g} "
+                     f"[{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] ({int(r['pairs'])} pairs): {r['verdict']}")
+    return "\n".join(lines)
