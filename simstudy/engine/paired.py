@@ -151,21 +151,21 @@ COMPARISON_RULE = ("Paired comparisons: per condition, d_r = metric(method, r) -
                    "direction and which one is primary are declared in the study before it runs.")
 
 
+def _condition_labels(result):
+    """condition -> "n=10, p=0.05: " (its varying factors; "" when only one condition varies nothing)."""
+    conditions = result.conditions.set_index("condition")
+    vary = [f for f in conditions.columns if conditions[f].astype(str).nunique() > 1]
+    return lambda c: ", ".join(f"{f}={conditions.loc[c, f]}" for f in vary) + ": " if vary else ""
+
+
 def comparison_parts(result) -> dict | None:
     """The report's pieces of the declared comparisons: ``rule``, ``primary`` (sentences of the primary
     comparison, one per condition) and ``table`` (every comparison); None when the study declares none."""
     table = comparison_table(result)
     if not len(table):
         return None
-    conditions = result.conditions.set_index("condition")
-    vary = [f for f in conditions.columns if conditions[f].astype(str).nunique() > 1]
-
-    def label(r) -> str:  # the condition by its varying factors ("n=10, p=0.05: "); nothing with one condition
-        if not vary:
-            return ""
-        return ", ".join(f"{f}={conditions.loc[r['condition'], f]}" for f in vary) + ": "
-
-    primary = [label(r) + comparison_sentence(r) for _, r in table[table["primary"]].iterrows()]
+    label = _condition_labels(result)
+    primary = [label(r["condition"]) + comparison_sentence(r) for _, r in table[table["primary"]].iterrows()]
     shown = table.drop(columns=["infinite"] if not table["infinite"].any() else [])
     return {"rule": COMPARISON_RULE, "primary": primary, "table": shown}
 
@@ -179,8 +179,8 @@ def format_comparisons(result) -> str | None:
     lines = [f"Primary comparison: {p}" for p in parts["primary"]]
     table = parts["table"]
     lines.append(f"Paired comparisons ({len(table)}; report.md says how they are decided):")
+    label = _condition_labels(result)  # the same condition labels as the report's
     for _, r in table.iterrows():
-        where = f"condition {r['condition']}: " if table["condition"].nunique() > 1 else ""
-        lines.append(f"  {where}{r['method']} - {r['reference']} in {r['metric']}: {r['difference']:+.4g} "
+        lines.append(f"  {label(r['condition'])}{r['method']} - {r['reference']} in {r['metric']}: {r['difference']:+.4g} "
                      f"[{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] ({int(r['pairs'])} pairs): {r['verdict']}")
     return "\n".join(lines)
