@@ -10,33 +10,11 @@ import pytest
 from simstudy.cli import main
 from simstudy.engine import StudyResult
 from simstudy.studies import spec
+from study_texts import binomial_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VALID = '''
-[study]
-kind = "generic"
-name = "bin"
-replicates = 40
-seed = 3
-
-[design]
-n = [20, 80]
-p = [0.2, 0.5]
-
-[generate]
-function = "simstudy.studies.examples:binomial_data"
-
-[truth]
-function = "simstudy.studies.examples:binomial_truth"
-
-[methods.wald]
-function = "simstudy.studies.examples:wald_interval"
-
-[methods.wilson]
-function = "simstudy.studies.examples:wilson_interval"
-params = { level = 0.95 }
-
+VALID = binomial_study(replicates=40, methods=("wald", "wilson"), wilson_level=0.95, tail='''
 [summary]
 reference = "wald"
 
@@ -44,7 +22,7 @@ reference = "wald"
 metric = "mse:estimate"
 x = "n"
 theory_slope = -1.0
-'''
+''')
 
 
 def _run(argv, capsys):

@@ -13,31 +13,10 @@ from pathlib import Path
 import pytest
 
 from simstudy.cli import main
+from study_texts import binomial_study
 
-GENERIC = textwrap.dedent("""\
-    [study]
-    kind = "generic"
-    name = "binomial-ci"
-    replicates = 2
-    seed = 1
-
-    [design]
-    n = [10, 30]
-    p = [0.2, 0.5]
-
-    [generate]
-    function = "simstudy.studies.examples:binomial_data"
-
-    [truth]
-    function = "simstudy.studies.examples:binomial_truth"
-
-    [methods.wald]
-    function = "simstudy.studies.examples:wald_interval"
-
-    [methods.wilson]
-    function = "simstudy.studies.examples:wilson_interval"
-    params = { level = 0.95 }
-
+GENERIC = binomial_study(name="binomial-ci", replicates=2, seed=1, n=(10, 30), methods=("wald", "wilson"),
+                         wilson_level=0.95, tail=textwrap.dedent("""\
     [run]
     n_jobs = 1
 
@@ -52,7 +31,7 @@ GENERIC = textwrap.dedent("""\
     x = "n"
     by = ["method", "p"]
     theory_slope = -1.0
-    """)
+    """))
 
 PERTURBATION = textwrap.dedent("""\
     [study]

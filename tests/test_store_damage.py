@@ -22,32 +22,11 @@ import pytest
 from simstudy.cli import main
 from simstudy.engine import StoreDamagedError, StoreReadOnlyError, StudyResult
 from simstudy.engine.storage import TABLE, atomic_write_parquet
+from study_texts import binomial_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STUDY = '''
-[study]
-kind = "generic"
-name = "bin"
-replicates = 4
-seed = 3
-
-[design]
-n = [20, 80]
-p = [0.2, 0.5]
-
-[generate]
-function = "simstudy.studies.examples:binomial_data"
-
-[truth]
-function = "simstudy.studies.examples:binomial_truth"
-
-[methods.wald]
-function = "simstudy.studies.examples:wald_interval"
-
-[methods.wilson]
-function = "simstudy.studies.examples:wilson_interval"
-'''
+STUDY = binomial_study(replicates=4, methods=("wald", "wilson"))
 
 #: damage cases tried (the issue's closing note counts them); each is handled with one line and nothing lost
 TRIED: list[str] = []

@@ -33,10 +33,12 @@ def paired_figure(found: pd.DataFrame, designs: list[str], references: list[str]
         ypos = {m: j for j, m in enumerate(methods)}
         for col, (tag, title) in enumerate((("oos", "OOS KL"), ("id", "ID KL"))):
             ax = axes[i, col]
+            drawn = False
             for k, ref in enumerate(references):
                 r = sub[sub["reference"] == ref]
                 if r.empty:
                     continue
+                drawn = True
                 y = np.array([ypos[m] for m in r["method"]]) + (k - (len(references) - 1) / 2) * 0.18
                 mid = r[f"{tag}_difference"].to_numpy(float)
                 lo = mid - r[f"{tag}_ci_low"].to_numpy(float)
@@ -57,7 +59,11 @@ def paired_figure(found: pd.DataFrame, designs: list[str], references: list[str]
             ax.set_title(f"{design}: paired {title} difference (95% CI)" +
                          (" ; dotted: +10% margin" if tag == "id" else ""), fontsize=9)
             ax.grid(True, alpha=0.25)
-            ax.legend(fontsize=7, loc="best")
+            if drawn:
+                ax.legend(fontsize=7, loc="best")
+            else:  # one method only: nothing to pair
+                ax.text(0.5, 0.5, "no paired difference (fewer than two methods)", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8)
     fig.tight_layout()
     return fig
 
