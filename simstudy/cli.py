@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .cli_inputs import (figure_format, max_replicates, out_problem, positive, positive_or_all, scheduler_problem,
                          seconds, shard, target, target_mcse, write_failed)
+from .cli_plot import add_plot_options
 
 __all__ = ["main", "build_parser"]
 
@@ -100,6 +101,8 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
         if name != "summarize":
             s.add_argument("--figure-format", action="append", type=figure_format, default=None, metavar="FORMATS",
                            help="figure formats, comma separated or repeated: png (default), svg, e.g. png,svg")
+        if name == "plot":
+            add_plot_options(s)
         if name == "summarize":
             s.add_argument("--measures", nargs="+", default=[], metavar="NAME=MODULE:FUNCTION[@MCSE]",
                            help="add measures of your own without recomputing a replicate; MCSE: jackknife "
@@ -289,22 +292,9 @@ def _measures_option(items: list[str]) -> dict:
 
 
 def _cmd_plot(args) -> int:
-    try:
-        res = _load(args.dir)
-    except ValueError as exc:
-        return _fail(str(exc))
-    if not len(res.table):
-        return _fail(f"dir={args.dir!r} holds no finished rows; allowed: a directory with results")
-    out, problem = target(args)
-    if problem:
-        return _fail(problem)
-    try:
-        figs = res.plot(out / "figures", formats=args.figure_format or "png")
-    except OSError as exc:
-        return _fail(write_failed(out, exc))
-    for title, path in figs:
-        print(f"{path}  ({title})")
-    return 0
+    from .cli_plot import cmd_plot
+
+    return cmd_plot(args, load=_load, fail=_fail, target=target, write_failed=write_failed)
 
 
 def _cmd_report(args) -> int:
