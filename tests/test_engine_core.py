@@ -466,3 +466,19 @@ def test_loky_warning_about_an_idle_worker_that_timed_out_is_silenced_and_no_oth
         warnings.warn("another loky warning", UserWarning)
     assert [str(w.message) for w in caught] == ["another loky warning"]
     assert backends._LOKY_IDLE_WORKER.startswith("A worker stopped")
+
+
+def _slow_generate(cond, rng):
+    import time
+
+    time.sleep(0.4)
+    return float(rng.normal())
+
+
+def test_generation_time_is_charged_once_per_task_so_row_seconds_sum_to_the_compute_time():
+    methods = {name: (lambda data, cond: {"estimate": data}) for name in ("a", "b", "c")}
+    res = Study(design={"n": [1]}, generate=_slow_generate, analyse=methods, replicates=2, seed=1).run(n_jobs=1)
+    seconds = res.timings.pivot(index="replicate", columns="method", values="seconds")  # (replicates, methods)
+    assert (seconds["a"] >= 0.4).all()  # the first row of a task carries the generation
+    assert (seconds[["b", "c"]] < 0.2).all().all()  # the others only their own (instant) call
+    assert 0.8 <= float(res.timings["seconds"].sum()) < 1.2  # about 2 x 0.4 s, not 6 x 0.4 s

@@ -4,7 +4,9 @@
 backends); :func:`run_batch` runs a batch of (condition, replicate, methods)
 items, one thread each, and returns raw rows: one per (condition, replicate,
 method) with its status, message, seconds and returned values. Every failure in
-``generate`` or a method is recorded, never raised (DESIGN §7).
+``generate`` or a method is recorded, never raised (DESIGN §7). A row's seconds (``_seconds``)
+are its method's call; the first row of each task also carries the replicate's ``generate``, so
+that the rows' seconds sum to the compute time (a study's "compute time", a check's worker-minutes).
 
 What is a failure (the status recorded): an exception (``"error"``, or the
 exception's ``status`` such as ``"diverged"``); a returned NaN or None
@@ -222,15 +224,17 @@ def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> 
         failure = ("timeout", _timeout_message(payload, "generate: "))
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, never raised (DESIGN §7)
         failure = (_status_of(exc, promoted), _message(exc, "generate: "))
-    gen_seconds = time.perf_counter() - t0
+    # the replicate's generation is charged to the first row of the task, so that the rows' seconds sum to the
+    # compute time (each method's row: its own call; the first also the generation)
+    charge = time.perf_counter() - t0
     last = len(method_indices) - 1
     for pos, m in enumerate(method_indices):
         name, fn, wants_rng = payload.methods[m]
         caught = list(gen_warnings)
         if failure is not None:
-            row = make_row(c, r, name, *failure)
+            row = make_row(c, r, name, *failure, charge)
         elif end is not None and time.perf_counter() >= end:
-            row = make_row(c, r, name, "timeout", _timeout_message(payload, "not run: "))
+            row = make_row(c, r, name, "timeout", _timeout_message(payload, "not run: "), charge)
         else:
             t1 = time.perf_counter()
             # Methods must all see the same data, also on resume where only some run: copy for all but the last.
@@ -251,8 +255,9 @@ def run_one(payload: Payload, c: int, r: int, method_indices: Sequence[int]) -> 
                     ctx.publish()
                 except OSError as exc:
                     status, message = "error", f"artifacts: {type(exc).__name__}: {exc}"
-            row = make_row(c, r, name, status, message, time.perf_counter() - t1 + gen_seconds)
+            row = make_row(c, r, name, status, message, time.perf_counter() - t1 + charge)
             row.update(values)
+        charge = 0.0
         if caught:
             row.update(warnings=len(caught), warning_message=_warning_text(caught[0]))
         rows.append(row)
