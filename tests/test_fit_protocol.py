@@ -134,3 +134,22 @@ def test_batched_independence_chain_targets_the_posterior(small, chain_dtype):
     assert abs(float(draws.mean()) - float(exact[0])) < 4.5 * se, (float(draws.mean()), float(exact[0]), se)
     assert abs(float(exact[0])) > 10 * se  # the test can tell the posterior from the prior
     assert 0.05 < stats["acceptance_rate"] < 0.95
+
+
+@pytest.mark.parametrize("design, options", [("identified", {}), ("weakly-identified", {}),
+                                             ("five-token", {"observations": 3, "continuation": "autoregressive"})])
+def test_held_out_score_is_the_mean_quadrature_log_likelihood(design, options):
+    """The validation score (the blocked likelihood objective where prefixes are shared) equals the mean of
+    ``quadrature_log_lik`` with the same rule, to rounding, for a perturbation far from its initial scale."""
+    from simstudy import quadrature
+    from simstudy.fit import held_out_score
+
+    dgm = PerturbedNextToken.reference(design, seed=1, **options)
+    x, y = dgm.sample(300, np.random.default_rng(2)).tensors()
+    student = dgm.make_student(seed=4)
+    with torch.no_grad():
+        student.perturbation.A.mul_(20.0)
+    q = student.perturbation.latent_dim
+    rule = quadrature.trapezoid(61 if q == 1 else 25, q)
+    expected = float(student.quadrature_log_lik(x, y, rule).mean().detach())
+    assert held_out_score(student, x, y) == pytest.approx(expected, rel=1e-12, abs=1e-12)

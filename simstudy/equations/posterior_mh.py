@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import draws
@@ -22,6 +23,37 @@ __all__ = ["CHAIN_DTYPES", "PosteriorMH"]
 
 #: the dtype the independence chain scores its proposals in: the model's own, or float32 (a copy of the model)
 CHAIN_DTYPES = ("model", "float32")
+
+
+def _accept_reject_scan(logp_all: torch.Tensor, log_u: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The independence sampler's accept/reject scan over stored log-likelihoods: ``logp_all`` (B, S+1, K) of
+    the start (block 0) and the S proposals, ``log_u`` (S, B, K) log-uniforms; returns the block of each
+    chain's final state (B, K) and the number of acceptances. Step s accepts where log u_s < logp(proposal s)
+    - logp(current). On the CPU the scan runs in numpy (the same float arithmetic; per-operation overhead
+    there is a few times smaller than torch's, and the scan is S small steps)."""
+    S = log_u.shape[0]
+    if logp_all.device.type == "cpu":
+        lp, lu = logp_all.numpy(), log_u.numpy()
+        state = np.zeros(lp[:, 0].shape, dtype=np.int64)  # (B, K)
+        logp = lp[:, 0].copy()  # (B, K)
+        accepted = 0
+        for step in range(1, S + 1):
+            prop = lp[:, step]  # (B, K)
+            acc = lu[step - 1] < prop - logp  # (B, K)
+            np.copyto(state, step, where=acc)
+            np.copyto(logp, prop, where=acc)
+            accepted += int(np.count_nonzero(acc))
+        return torch.from_numpy(state), accepted
+    state = torch.zeros(logp_all[:, 0].shape, dtype=torch.long, device=logp_all.device)  # (B, K)
+    logp = logp_all[:, 0]  # (B, K)
+    accepted = torch.zeros((), dtype=torch.long, device=logp_all.device)
+    for step in range(1, S + 1):
+        prop = logp_all[:, step]  # (B, K)
+        acc = log_u[step - 1] < prop - logp  # (B, K)
+        state = torch.where(acc, step, state)
+        logp = torch.where(acc, prop, logp)
+        accepted += acc.sum()
+    return state, int(accepted)
 
 
 @dataclass
@@ -64,6 +96,7 @@ class PosteriorMH(Equation):
     persistent: bool = False
     scope: str = "datum"
     _chains: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _scorers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self):
         check_int("steps", self.steps, 1)
@@ -78,6 +111,7 @@ class PosteriorMH(Equation):
     def get_params(self):
         params = super().get_params()
         params.pop("_chains", None)
+        params.pop("_scorers", None)
         return params
 
     def reset_chains(self) -> None:
@@ -114,24 +148,31 @@ class PosteriorMH(Equation):
                 self._chains[key] = z[b].clone()
         return z, stats
 
+    def _float32_copy(self, model):
+        """A float32 copy of ``model`` with its current parameters: made once per model, then refreshed in place
+        (a fresh deep copy at every step cost about as much as scoring a small minibatch)."""
+        entry = self._scorers.get(id(model))
+        device = next(model.parameters()).device
+        if entry is None or entry[0] is not model or next(entry[1].parameters()).device != device:
+            self._scorers.clear()
+            entry = self._scorers[id(model)] = (model, copy.deepcopy(model).float())
+        scorer = entry[1]
+        for mine, theirs in zip(scorer.parameters(), model.parameters()):
+            mine.copy_(theirs)
+        for mine, theirs in zip(scorer.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        return scorer
+
     def _independence_scan(self, model, x, y, z_all, generator):
         """The independence sampler on pre-drawn proposals ``z_all`` ``(B, K (S+1), ...)``: slot block 0 is
         the start, block s the proposal of step s; one forward pass scores all of them."""
         B, K, S = x.shape[0], self.num_draws, self.steps
         scorer, z_scored = model, z_all
         if self.chain_dtype == "float32" and z_all.dtype != torch.float32:
-            scorer, z_scored = copy.deepcopy(model).float(), z_all.float()
+            scorer, z_scored = self._float32_copy(model), z_all.float()
         logp_all = scorer.log_lik(x, y, z_scored).view(B, S + 1, K)  # (B, S+1, K)
         log_u = draws.rand((S, B, K), generator=generator, dtype=logp_all.dtype, device=x.device).log()
-        state = torch.zeros((B, K), dtype=torch.long, device=x.device)  # (B, K) block of the current state
-        logp = logp_all[:, 0]  # (B, K)
-        accepted = torch.zeros((), dtype=torch.long, device=x.device)
-        for step in range(1, S + 1):
-            prop = logp_all[:, step]  # (B, K)
-            acc = log_u[step - 1] < prop - logp  # (B, K)
-            state = torch.where(acc, step, state)
-            logp = torch.where(acc, prop, logp)
-            accepted += acc.sum()
+        state, accepted = _accept_reject_scan(logp_all, log_u)  # (B, K) block of the final state, acceptances
         slots = state * K + torch.arange(K, device=x.device)  # (B, K) index into the K (S+1) draws
         z = z_all[torch.arange(B, device=x.device)[:, None], slots]  # (B, K, ...)
         proposals = B * K * S
