@@ -501,3 +501,15 @@ def test_exact_marginal_does_not_depend_on_the_order_of_calls():
     for prefix in ([0, 0], [3, 3], [0, 4]):
         second.exact_marginal(np.asarray([prefix]))
     assert np.array_equal(first.exact_marginal(everything), second.exact_marginal(everything))
+
+
+def test_softmax_rows_equals_torch_softmax_inside_and_outside_the_safe_range():
+    import torch
+
+    from simstudy.models.perturbed_lm import softmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, scale in ((torch.float64, 5.0), (torch.float64, 400.0), (torch.float32, 5.0), (torch.float32, 50.0)):
+        logits = scale * torch.randn(300, 41, generator=g, dtype=torch.float64).to(dtype)
+        tol = 1e-15 if dtype == torch.float64 else 1e-6
+        assert torch.allclose(softmax_rows(logits), torch.softmax(logits, -1), rtol=tol * 10, atol=tol)
