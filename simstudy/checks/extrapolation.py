@@ -180,7 +180,7 @@ def run(context: CheckContext) -> CheckResult:
                       analyse={METHODS[k].label: make_method(METHODS[k], settings) for k in keys},
                       replicates=reps, seed=seed, name=f"{NAME}-{tag}", copy_data=False, seed_torch=True,
                       fingerprint=_fingerprint({"dgm_overrides": dgm_options, "fresh_teacher": fresh_teacher,
-                                                "method_settings": asdict(settings),
+                                                "method_settings": settings.identity(),
                                                 "methods": [METHODS[k].label for k in keys]}))
         result = context.record(study.run(n_jobs=context.n_jobs, store=study_store(folder, "store", study),
                                           progress=False))

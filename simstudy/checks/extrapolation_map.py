@@ -128,7 +128,7 @@ def run(context: CheckContext) -> CheckResult:
     dgm_options = {**dgm_overrides(context), "design": "identified"}
     generate = make_generate(dgm_options, fresh_teacher=True)
     fingerprint = json.dumps({"version": STUDY_VERSION, "dgm": dgm_options, "cells": grid,
-                              "methods": [e.label for e in entries], "settings": asdict(settings)},
+                              "methods": [e.label for e in entries], "settings": settings.identity()},
                              sort_keys=True, default=str)
     study = Study(design=grid, generate=generate, analyse={e.label: make_method(e, settings) for e in entries},
                   replicates=replicates, seed=seed, name=NAME, copy_data=False, seed_torch=True,

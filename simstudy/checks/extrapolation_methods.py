@@ -13,7 +13,7 @@ region metrics on its Monte Carlo frequencies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .. import metrics
 from ..domain import (PerturbationMethod, ReplicateData, build_student, evaluate_student, fit_statistics,
@@ -21,6 +21,7 @@ from ..domain import (PerturbationMethod, ReplicateData, build_student, evaluate
 from ..equations import FALLBACKS
 from ..fit.exact import SOLVER_PRECISIONS
 from ..equations.posterior_mh import CHAIN_DTYPES
+from ..equations.proposal_scoring import SCORE_DTYPES
 from ..quadrature import pruned_trapezoid
 from ..validation import check_choice
 from . import peers
@@ -84,6 +85,7 @@ class MethodSettings:
     ps_mh_chain_dtype: str = "float32"  # ps-mh scores its proposals in float32 (twice as fast; rounding ~1e-6)
     ps_exact_max_proposals: int = 65_536  # rejection budget per datum of ps-exact (sgd)
     ps_exact_fallback: str = "importance"  # ps-exact (sgd) past its budget: "importance" resampling or "none" (raise)
+    ps_exact_score_dtype: str = "model"  # ps-exact (sgd) scores its proposals in the model's dtype, or "float32"
     q2_draws: int = 2  # K of q2
     exact_max_iter: int = 1000  # L-BFGS iterations of the exact solver
     exact_nodes: int = 31  # trapezoid nodes per dimension of the exact solver (pruned), q = 2
@@ -94,6 +96,14 @@ class MethodSettings:
     exact_device: str = "cpu"  # torch device of the exact solver ("cuda" if available); evaluation is on cpu
     exact_precision: str = "mixed"  # fit_exact's precision: float32 iterations finished in float64 (about 10x faster)
     engression: dict = field(default_factory=dict)  # EngressionConfig fields
+
+    #: settings added after runs were committed, with the value those runs used: they enter a study's identity
+    #: only when set to another value, so that a committed store still resumes
+    LATER = {"ps_exact_score_dtype": "model"}
+
+    def identity(self) -> dict:
+        """The settings as they enter a study's fingerprint (:data:`LATER` left out at their old values)."""
+        return {k: v for k, v in asdict(self).items() if not (k in self.LATER and v == self.LATER[k])}
 
 
 #: The fitting protocol of every sgd method (issue 11, DESIGN §4): Adam at a constant rate, early stopping on a
@@ -124,6 +134,8 @@ def method_settings(context) -> MethodSettings:
         ps_exact_max_proposals=context.param("ps_exact_max_proposals", 65_536),
         ps_exact_fallback=check_choice("ps_exact_fallback", context.param("ps_exact_fallback", "importance"),
                                        FALLBACKS),
+        ps_exact_score_dtype=check_choice("ps_exact_score_dtype", context.param("ps_exact_score_dtype", "model"),
+                                          SCORE_DTYPES),
         exact_max_iter=context.param("exact_max_iter", 150, 300), exact_nodes=context.param("exact_nodes", 21, 31),
         exact_nodes_q1=context.param("exact_nodes_q1", 41, 81), num_bins=context.param("num_bins", 3, 5),
         mc_draws=context.param("mc_draws", 4096, 8192), eval_nodes=context.param("eval_nodes", 21, 31),
@@ -169,7 +181,8 @@ def method_spec(entry: MethodEntry, settings: MethodSettings) -> PerturbationMet
         options["equation_options"] = {"steps": settings.ps_mh_steps, "chain_dtype": settings.ps_mh_chain_dtype}
     if entry.method == "ps-exact":
         options["equation_options"] = {"max_proposals": settings.ps_exact_max_proposals,
-                                       "fallback": settings.ps_exact_fallback}
+                                       "fallback": settings.ps_exact_fallback,
+                                       "score_dtype": settings.ps_exact_score_dtype}
     if entry.method == "q2":
         options["equation_options"] = {"num_draws": settings.q2_draws}
     return PerturbationMethod.from_name(entry.method, solver="exact" if entry.kind == "exact" else "sgd",

@@ -153,8 +153,9 @@ class Equation:
         return (w * terms).sum() / w.sum()
 
     def get_params(self) -> dict[str, Any]:
-        """The keyword arguments (scikit-learn style): ``type(eq)(**eq.get_params())`` clones it."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The keyword arguments (scikit-learn style): ``type(eq)(**eq.get_params())`` clones it (fields with
+        ``init=False``, such as a cache, are state, not parameters)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def describe(self) -> dict[str, Any]:
         """A flat dict for results tables."""

@@ -9,7 +9,6 @@ variant by rejection, is in :mod:`simstudy.equations.posterior`.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +17,12 @@ import torch
 from .. import draws
 from ..validation import check_choice, check_int, check_positive
 from .base import Equation
+from .proposal_scoring import SCORE_DTYPES, Float32Scorer
 
 __all__ = ["CHAIN_DTYPES", "PosteriorMH"]
 
-#: the dtype the independence chain scores its proposals in: the model's own, or float32 (a copy of the model)
-CHAIN_DTYPES = ("model", "float32")
+#: the dtype the independence chain scores its proposals in (:mod:`.proposal_scoring`)
+CHAIN_DTYPES = SCORE_DTYPES
 
 
 def _accept_reject_scan(logp_all: torch.Tensor, log_u: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -96,7 +96,7 @@ class PosteriorMH(Equation):
     persistent: bool = False
     scope: str = "datum"
     _chains: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    _scorers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _scorer: Float32Scorer = field(default_factory=Float32Scorer, init=False, repr=False, compare=False)
 
     def validate(self):
         check_int("steps", self.steps, 1)
@@ -107,12 +107,6 @@ class PosteriorMH(Equation):
         if not isinstance(self.persistent, bool):
             raise ValueError(f"persistent={self.persistent!r} is invalid; allowed: True or False")
         super().validate()
-
-    def get_params(self):
-        params = super().get_params()
-        params.pop("_chains", None)
-        params.pop("_scorers", None)
-        return params
 
     def reset_chains(self) -> None:
         """Forget the persistent chains."""
@@ -148,28 +142,13 @@ class PosteriorMH(Equation):
                 self._chains[key] = z[b].clone()
         return z, stats
 
-    def _float32_copy(self, model):
-        """A float32 copy of ``model`` with its current parameters: made once per model, then refreshed in place
-        (a fresh deep copy at every step cost about as much as scoring a small minibatch)."""
-        entry = self._scorers.get(id(model))
-        device = next(model.parameters()).device
-        if entry is None or entry[0] is not model or next(entry[1].parameters()).device != device:
-            self._scorers.clear()
-            entry = self._scorers[id(model)] = (model, copy.deepcopy(model).float())
-        scorer = entry[1]
-        for mine, theirs in zip(scorer.parameters(), model.parameters()):
-            mine.copy_(theirs)
-        for mine, theirs in zip(scorer.buffers(), model.buffers()):
-            mine.copy_(theirs)
-        return scorer
-
     def _independence_scan(self, model, x, y, z_all, generator):
         """The independence sampler on pre-drawn proposals ``z_all`` ``(B, K (S+1), ...)``: slot block 0 is
         the start, block s the proposal of step s; one forward pass scores all of them."""
         B, K, S = x.shape[0], self.num_draws, self.steps
         scorer, z_scored = model, z_all
         if self.chain_dtype == "float32" and z_all.dtype != torch.float32:
-            scorer, z_scored = self._float32_copy(model), z_all.float()
+            scorer, z_scored = self._scorer(model), z_all.float()
         logp_all = scorer.log_lik(x, y, z_scored).view(B, S + 1, K)  # (B, S+1, K)
         log_u = draws.rand((S, B, K), generator=generator, dtype=logp_all.dtype, device=x.device).log()
         state, accepted = _accept_reject_scan(logp_all, log_u)  # (B, K) block of the final state, acceptances
