@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "simstudy"
 LAYERS = {"engine": 0, "validation": 1, "quadrature": 1, "draws": 1, "dgm": 1, "models": 1, "equations": 1, "fit": 1,
           "metrics": 1, "llm": 1, "domain": 2, "checks": 3, "studies": 3, "cli": 4, "cli_inputs": 4, "cli_export": 4,
-          "cli_merge": 4, "cli_run_control": 4}
+          "cli_merge": 4, "cli_plot": 4, "cli_run_control": 4}
 MAX_LINES = 400
 
 
