@@ -16,13 +16,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_inputs import (figure_format, max_replicates, out_problem, positive, positive_or_all, scheduler_problem,
-                         seconds, shard, target, target_mcse, write_failed)
+from .cli_inputs import (EXIT_USAGE, fail, figure_format, max_replicates, out_problem, positive, positive_or_all,
+                         scheduler_problem, seconds, shard, target, target_mcse, write_failed)
 from .cli_plot import add_plot_options
 
 __all__ = ["main", "build_parser"]
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as the engine raises it (simstudy.engine.crashes)
 
@@ -138,11 +137,6 @@ def build_parser(*, describe_default: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"simstudy: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _outputs(res, out: Path, *, write_figures: bool = True, write_report: bool = True, formats=None) -> dict:
     from .engine.report_html import write_reports as _write_report  # report.md and report.html
     from .engine.storage import atomic_write_text
@@ -165,39 +159,39 @@ def _cmd_run(args) -> int:
 
     # the command line first (cheap), then the study file, then what the file adds: nothing runs before all hold
     if args.scheduler is not None and args.backend not in (None, "dask"):
-        return _fail(f"--scheduler={args.scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
+        return fail(f"--scheduler={args.scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
     if args.out is not None and (problem := out_problem(Path(args.out), "--out")):
-        return _fail(problem)
+        return fail(problem)
     if args.scheduler is not None and (problem := scheduler_problem(args.scheduler, "--scheduler", connect=False)):
-        return _fail(problem)
+        return fail(problem)
     try:
         sf, study, default_out = load_study_file(args.study, replicates=args.replicates, overrides=args.overrides)
     except SpecError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     out = Path(args.out or sf.run.get("out") or default_out or f"results/{sf.name}")
     backend = args.backend or sf.run.get("backend", "loky")
     scheduler = args.scheduler or sf.run.get("scheduler")
     if scheduler is not None and backend != "dask":
-        return _fail(f"--scheduler={scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
+        return fail(f"--scheduler={scheduler!r} needs --backend dask; allowed: --backend dask --scheduler ADDR")
     if args.out is None and (problem := out_problem(out, "run.out" if sf.run.get("out") else "output folder")):
-        return _fail(problem)
+        return fail(problem)
     label = "--scheduler" if args.scheduler is not None else "run.scheduler"
     if scheduler is not None and (problem := scheduler_problem(scheduler, label)):
-        return _fail(problem)
+        return fail(problem)
     n_jobs = args.n_jobs or sf.run.get("n_jobs")
     progress = False if args.no_progress else None
     control, problem = run_control(args, sf.run)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(interrupted|stopped at max_time)", category=RuntimeWarning)
             res = study.run(n_jobs=n_jobs, backend=backend, scheduler=scheduler, store=out, progress=progress,
                             repair=args.repair, **control)  # the warnings are said below
     except (StoreMismatchError, StoreBusyError, StoreDamagedError, PermissionError) as exc:  # one line each
-        return _fail(str(exc))
+        return fail(str(exc))
     except ValueError as exc:  # a run-control value the study refuses (a --target-mcse measure it lacks)
-        return _fail(str(exc).splitlines()[0])
+        return fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:  # interrupted outside the replicate loop (setup, consolidation)
         print(f"simstudy: interrupted; finished rows are kept in {out}/ (run again to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -216,7 +210,7 @@ def _cmd_run(args) -> int:
     try:
         o = _outputs(res, out, formats=figure_formats_of(args, sf.run))
     except OSError as exc:
-        return _fail(write_failed(out, exc))
+        return fail(write_failed(out, exc))
     print(f"Study {res.name!r}: {len(study.conditions)} conditions x {len(study.methods)} methods x "
           f"{replicates_text(res)} replicates, seed {study.seed}; failures: {int((res.table['status'] != 'ok').sum())}")
     for line in format_failures(res):
@@ -252,14 +246,14 @@ def _cmd_summarize(args) -> int:
     try:
         res = _load(args.dir)
     except ValueError as exc:  # also a damaged store file: one line naming it
-        return _fail(str(exc))
+        return fail(str(exc))
     out, problem = target(args)
     if problem and args.out is not None:
-        return _fail(problem)
+        return fail(problem)
     try:
         summary = res.summary(measures=_measures_option(args.measures))
     except ValueError as exc:  # a bad --measures item: one line
-        return _fail(str(exc).splitlines()[0])
+        return fail(str(exc).splitlines()[0])
     print(f"Study {res.name!r}: {len(res.table)} of {res.expected_rows} rows"
           + ("" if res.complete else " (incomplete)") + f"; failures: {int((res.table['status'] != 'ok').sum())}")
     print(format_summary(summary))
@@ -274,7 +268,7 @@ def _cmd_summarize(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     except OSError as exc:
-        return _fail(write_failed(out, exc))
+        return fail(write_failed(out, exc))
     return 0
 
 
@@ -294,21 +288,21 @@ def _measures_option(items: list[str]) -> dict:
 def _cmd_plot(args) -> int:
     from .cli_plot import cmd_plot
 
-    return cmd_plot(args, load=_load, fail=_fail, target=target, write_failed=write_failed)
+    return cmd_plot(args)
 
 
 def _cmd_report(args) -> int:
     try:
         res = _load(args.dir)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     out, problem = target(args)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
         o = _outputs(res, out, write_figures=bool(len(res.table)), formats=args.figure_format)
     except OSError as exc:
-        return _fail(write_failed(out, exc))
+        return fail(write_failed(out, exc))
     print(o["report"])
     print(o["report"].with_name("report.html"))
     return 0
@@ -348,7 +342,7 @@ def _cmd_check(args) -> int:
         from .checks.runner import write_results_page
 
         if args.page is None:
-            return _fail("--page-only needs --page PATH; allowed: e.g. --page paper_checks/RESULTS.md")
+            return fail("--page-only needs --page PATH; allowed: e.g. --page paper_checks/RESULTS.md")
         write_results_page(Path(args.out), Path(args.page), command=command)
         print(f"wrote {args.page}")
         return 0

@@ -2,10 +2,9 @@
 ``rsimsum::multisimsum`` (:mod:`simstudy.engine.export`, which documents the columns and the units)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from .cli_inputs import out_problem, write_failed
+from .cli_inputs import fail, out_problem, write_failed
 
 __all__ = ["cmd_export", "DEFAULT_NAMES"]
 
@@ -18,10 +17,6 @@ def cmd_export(args) -> int:
     from .engine import StudyResult
     from .engine.atomic import write_problem
     from .engine.export import write_rsimsum
-
-    def fail(message: str) -> int:
-        print(f"simstudy: error: {message}", file=sys.stderr)
-        return 2  # cli.EXIT_USAGE
 
     try:
         res = StudyResult.load(args.dir)

@@ -1,6 +1,7 @@
 """Checks of the command line's own inputs, before anything runs: counts, output folders, scheduler addresses.
 
-Each returns (or raises, for argparse types) one line naming the flag, the value and what is allowed.
+Each returns (or raises, for argparse types) one line naming the flag, the value and what is allowed;
+:func:`fail` prints such a line and gives the exit status of bad input.
 """
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import math
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
-__all__ = ["SCHEDULER_TIMEOUT", "figure_format", "max_replicates", "out_problem", "positive", "positive_or_all",
+__all__ = ["EXIT_USAGE", "SCHEDULER_TIMEOUT", "fail", "figure_format", "max_replicates", "out_problem", "positive", "positive_or_all",
            "scheduler_problem", "seconds", "shard", "target", "target_mcse", "write_failed"]
 
+EXIT_USAGE = 2  # the exit status of bad input (argparse's own)
 SCHEDULER_TIMEOUT = 3.0  # seconds to wait for a dask scheduler before saying it is unreachable
 _ADDRESS = re.compile(r"^(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):([0-9]+)/?$")
+
+
+def fail(message: str) -> int:
+    """Print ``simstudy: error: MESSAGE`` (one line) on stderr; return :data:`EXIT_USAGE`."""
+    print(f"simstudy: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def positive_or_all(text: str) -> int:

@@ -11,7 +11,8 @@ measure, estimand, factor or method gives one line naming what is allowed, and e
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .cli_inputs import fail, target, write_failed
 
 __all__ = ["add_plot_options", "cmd_plot", "requested_figures"]
 
@@ -37,6 +38,7 @@ def add_plot_options(parser: argparse.ArgumentParser) -> None:
 def requested_figures(res, args) -> list[tuple[str, object, str]]:
     """``(title, build, stem)`` of each figure asked for by --loop-plot / --heatmap; ValueError (one line) for a
     bad option. ``build()`` draws the figure."""
+    from .engine.figures import file_stem
     from .engine.heatmap import heatmap
     from .engine.loop_plot import loop_plot
 
@@ -60,7 +62,7 @@ def requested_figures(res, args) -> list[tuple[str, object, str]]:
                               center=reference.get(measure))
             name = estimand or _first_estimand(summary, measure)
             found.append((f"{'Nested loop plot' if kind == 'loop' else 'Heat map'} of {measure} of {name}", fig,
-                          f"{kind}_{_slug(measure)}_{_slug(name)}"))
+                          f"{kind}_{file_stem(measure)}_{file_stem(name)}"))
     return found
 
 
@@ -69,17 +71,14 @@ def _first_estimand(summary, measure: str) -> str:
     return str(rows.iloc[0]) if len(rows) else "none"
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_") or "metric"
-
-
-def cmd_plot(args, *, load, fail, target, write_failed) -> int:
-    """``simstudy plot``: exit 0, or 2 with one line (the helpers are the command line's own)."""
+def cmd_plot(args) -> int:
+    """``simstudy plot``: exit 0, or 2 with one line on stderr."""
+    from .engine import StudyResult
     from .engine.figures import figure_formats
     from .engine.plots import save_figure
 
     try:
-        res = load(args.dir)
+        res = StudyResult.load(args.dir)
     except ValueError as exc:
         return fail(str(exc))
     if not len(res.table):
@@ -87,7 +86,7 @@ def cmd_plot(args, *, load, fail, target, write_failed) -> int:
     out, problem = target(args)
     if problem:
         return fail(problem)
-    formats = figure_formats(args.figure_format or "png")
+    formats = args.figure_format or "png"
     asked = bool(args.loop_plot or args.heatmap)
     lone = [flag for flag, value in (("--order", args.order), ("--axes", args.axes), ("--methods", args.methods))
             if value is not None and not asked]
@@ -95,18 +94,20 @@ def cmd_plot(args, *, load, fail, target, write_failed) -> int:
         return fail(f"{lone[0]} is invalid without --loop-plot or --heatmap; allowed: --loop-plot MEASURE "
                     f"and/or --heatmap MEASURE with it")
     try:
+        drawn = requested_figures(res, args) if asked else []
+    except ValueError as exc:
+        return fail(str(exc).splitlines()[0])
+    try:
         if not asked:
             figs = res.plot(out / "figures", formats=formats)
         else:
-            try:
-                drawn = requested_figures(res, args)
-            except ValueError as exc:
-                return fail(str(exc).splitlines()[0])
             (out / "figures").mkdir(parents=True, exist_ok=True)
-            figs = [(title, [save_figure(fig, out / "figures" / f"{stem}.{fmt}") for fmt in formats][0])
-                    for title, fig, stem in drawn]
+            figs = []  # (title, the first format's file), as res.plot lists them
+            for title, fig, stem in drawn:
+                paths = [save_figure(fig, out / "figures" / f"{stem}.{fmt}") for fmt in figure_formats(formats)]
+                figs.append((title, paths[0]))
     except OSError as exc:
         return fail(write_failed(out, exc))
     for title, path in figs:
-        print(f"{path}  ({title})", file=sys.stdout)
+        print(f"{path}  ({title})")
     return 0

@@ -30,7 +30,7 @@ from .plots import measure_plot, rate_plot, save_figure, zip_plot
 from .rates import RateResult
 from .tidy import companion_columns
 
-__all__ = ["FigureList", "make_figures", "figure_formats", "FIGURE_FORMATS", "DOT_PLOT_MAX_CONDITIONS"]
+__all__ = ["FigureList", "file_stem", "make_figures", "figure_formats", "FIGURE_FORMATS", "DOT_PLOT_MAX_CONDITIONS"]
 
 #: The formats :func:`make_figures` writes (``--figure-format``).
 FIGURE_FORMATS = ("png", "svg")
@@ -184,7 +184,7 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
             skip("Rate plots", exc)
             rates = []
     for i, r in enumerate(rates):
-        draw(f"Rate of {r.metric} in {r.x}", lambda: rate_plot(r), f"rate_{i}_{_slug(r.metric)}")
+        draw(f"Rate of {r.metric} in {r.x}", lambda: rate_plot(r), f"rate_{i}_{file_stem(r.metric)}")
     from .callables import resolve_callable
 
     for hook in result.options.get("figures", []):
@@ -199,5 +199,6 @@ def make_figures(result, outdir: str | os.PathLike, *, summary: pd.DataFrame | N
     return out
 
 
-def _slug(text: str) -> str:
+def file_stem(text: str) -> str:
+    """``text`` as part of a file name: letters and digits kept, everything else ``_``."""
     return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_") or "metric"
