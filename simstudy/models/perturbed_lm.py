@@ -109,16 +109,11 @@ class PerturbedLM(LatentLikelihood, nn.Module):
         """Prior draws of the latent, ``(B, K, *latent_shape)``."""
         return self.perturbation.sample_latent(x, num_draws, generator, dtype=self.dtype)
 
-    def log_probs(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None) -> torch.Tensor:
-        """Log next-token distributions for every observation and draw, one forward pass.
-
-        x : (B, L) prefix token ids; y : (B, c) observations (None: c = 1, the next token);
-        latent : (B, K, ...) draws (None: the unperturbed prefix, K = 1).
-        Returns (B, K, c, V) log-probabilities, log_softmax of the logits.
-        """
+    def _logits(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None):
+        """The network's logits for every observation and draw, one forward pass: ``(logits (B*K, c, V), K)``
+        (iid observations share one row: an expanded view). Arguments as :meth:`log_probs`."""
         B = x.shape[0]
         if latent is None:
-            latent = NoPerturbation(prefix_len=x.shape[1], embed_dim=self.embed_dim).sample_latent(x, 1, dtype=self.dtype)
             perturbed = self.embedding[x][:, None]  # (B, 1, L, d)
         else:
             perturbed = self.perturbation(self.embedding[x], latent, x)  # (B, K, L, d)
@@ -131,20 +126,27 @@ class PerturbedLM(LatentLikelihood, nn.Module):
             previous = previous[:, None].expand(B, K, c - 1, self.embed_dim).reshape(B * K, c - 1, self.embed_dim)
         elif c > 1:
             previous = flat.new_zeros(B * K, c - 1, self.embed_dim)  # shapes only: iid ignores them
-        logits = self.network(flat, previous, self.continuation)  # (B*K, c, V)
+        return self.network(flat, previous, self.continuation), K  # (B*K, c, V)
+
+    def log_probs(self, x: torch.Tensor, y: torch.Tensor | None, latent: torch.Tensor | None) -> torch.Tensor:
+        """Log next-token distributions for every observation and draw, one forward pass.
+
+        x : (B, L) prefix token ids; y : (B, c) observations (None: c = 1, the next token);
+        latent : (B, K, ...) draws (None: the unperturbed prefix, K = 1).
+        Returns (B, K, c, V) log-probabilities, log_softmax of the logits.
+        """
+        logits, K = self._logits(x, y, latent)  # (B*K, c, V)
+        B, c = x.shape[0], logits.shape[1]
         if c > 1 and logits.stride(1) == 0:  # iid observations share one row (an expanded view): normalise it once
             logp = torch.log_softmax(logits[:, :1], dim=-1)  # (B*K, 1, V)
             return logp.view(B, K, 1, self.vocab_size).expand(B, K, c, self.vocab_size)
         return torch.log_softmax(logits, dim=-1).view(B, K, c, self.vocab_size)
 
-    def next_token_probs(self, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def next_token_probs(self, x: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """p(. | x, z_k) of the next token: ``(B, K, V)``, the softmax of :meth:`log_probs`' logits
-        (:func:`softmax_rows`, not log_softmax then exp). x : (B, L); latent : (B, K, ...)."""
-        perturbed = self.perturbation(self.embedding[x], latent, x)  # (B, K, L, d)
-        B, K = perturbed.shape[:2]
-        flat = perturbed.reshape(B * K, self.prefix_len, self.embed_dim)  # (B*K, L, d)
-        logits = self.network(flat, None, self.continuation)[:, 0]  # (B*K, V)
-        return softmax_rows(logits).view(B, K, self.vocab_size)
+        (:func:`softmax_rows`, not log_softmax then exp). x : (B, L); latent : (B, K, ...) or None."""
+        logits, K = self._logits(x, None, latent)  # (B*K, 1, V)
+        return softmax_rows(logits[:, 0]).view(x.shape[0], K, self.vocab_size)
 
     def token_log_lik(self, x: torch.Tensor, y: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """log p(y_j | x, y_<j, z_k) for every observation: (B, K, c)."""
