@@ -28,32 +28,21 @@ CHAIN_DTYPES = SCORE_DTYPES
 def _accept_reject_scan(logp_all: torch.Tensor, log_u: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The independence sampler's accept/reject scan over stored log-likelihoods: ``logp_all`` (B, S+1, K) of
     the start (block 0) and the S proposals, ``log_u`` (S, B, K) log-uniforms; returns the block of each
-    chain's final state (B, K) and the number of acceptances. Step s accepts where log u_s < logp(proposal s)
-    - logp(current). On the CPU the scan runs in numpy (the same float arithmetic; per-operation overhead
-    there is a few times smaller than torch's, and the scan is S small steps)."""
-    S = log_u.shape[0]
-    if logp_all.device.type == "cpu":
-        lp, lu = logp_all.numpy(), log_u.numpy()
-        state = np.zeros(lp[:, 0].shape, dtype=np.int64)  # (B, K)
-        logp = lp[:, 0].copy()  # (B, K)
-        accepted = 0
-        for step in range(1, S + 1):
-            prop = lp[:, step]  # (B, K)
-            acc = lu[step - 1] < prop - logp  # (B, K)
-            np.copyto(state, step, where=acc)
-            np.copyto(logp, prop, where=acc)
-            accepted += int(np.count_nonzero(acc))
-        return torch.from_numpy(state), accepted
-    state = torch.zeros(logp_all[:, 0].shape, dtype=torch.long, device=logp_all.device)  # (B, K)
-    logp = logp_all[:, 0]  # (B, K)
-    accepted = torch.zeros((), dtype=torch.long, device=logp_all.device)
-    for step in range(1, S + 1):
-        prop = logp_all[:, step]  # (B, K)
-        acc = log_u[step - 1] < prop - logp  # (B, K)
-        state = torch.where(acc, step, state)
-        logp = torch.where(acc, prop, logp)
-        accepted += acc.sum()
-    return state, int(accepted)
+    chain's final state (B, K, on the device of ``logp_all``) and the number of acceptances. Step s accepts
+    where log u_s < logp(proposal s) - logp(current). The scan is S small sequential steps, so it runs in
+    numpy on the host (the same float arithmetic; per-operation overhead a few times smaller than torch's,
+    and no kernel launch per step on a GPU)."""
+    lp, lu = logp_all.cpu().numpy(), log_u.cpu().numpy()
+    state = np.zeros(lp[:, 0].shape, dtype=np.int64)  # (B, K)
+    logp = lp[:, 0].copy()  # (B, K)
+    accepted = 0
+    for step in range(1, lu.shape[0] + 1):
+        prop = lp[:, step]  # (B, K)
+        acc = lu[step - 1] < prop - logp  # (B, K)
+        np.copyto(state, step, where=acc)
+        np.copyto(logp, prop, where=acc)
+        accepted += int(np.count_nonzero(acc))
+    return torch.from_numpy(state).to(logp_all.device), accepted
 
 
 @dataclass
