@@ -123,14 +123,39 @@ def test_a_replicate_reruns_identically_and_methods_differ(result):
     assert res.table.loc[0, "nll_id"] != res.table.loc[1, "nll_id"]
 
 
-def test_the_figure_hook_draws_perplexity_rouge_mauve_and_the_paired_difference(result, tmp_path):
+def test_the_figure_hook_draws_perplexity_rouge_mauve_and_no_paired_difference_from_one_replicate(result, tmp_path):
     _, res = result
     out = llm_shift.shift_figures(res, tmp_path)
     names = sorted(p.name for _, p in out)
-    assert names == ["llm_shift_mauve.png", "llm_shift_nll_vs_mle.png", "llm_shift_perplexity.png",
-                     "llm_shift_rouge1.png"]
+    # one replicate: a paired difference has no interval, so the figure of paired differences is not drawn
+    assert names == ["llm_shift_mauve.png", "llm_shift_perplexity.png", "llm_shift_rouge1.png"]
     assert all(p.stat().st_size > 5000 for _, p in out)
     assert "simstudy.studies.llm_shift:shift_figures" in res.options["figures"]
+
+
+def test_the_paired_figure_draws_the_reports_intervals_with_each_methods_own_replicates():
+    """The bars of llm_shift_nll_vs_mle.png are the report's paired t intervals: a method with fewer finished
+    replicates gets its own t_{n-1} quantile (an earlier figure used the largest n for every method)."""
+    import pandas as pd
+
+    from simstudy.engine.paired import paired_differences
+
+    rng = np.random.default_rng(3)
+    rows = [{"condition": 0, "replicate": r, "method": m, "status": "ok", "nll_de": 4.6 + rng.normal(0, 0.02)}
+            for r in range(6) for m in ("mle", "neftune", "is-K") if not (m == "is-K" and r == 5)]
+    table = pd.DataFrame(rows)
+    fig = llm_shift.paired_panels(table, ["nll_de"], ["de"], reference="mle", ylabel="nats", title="t")
+    drawn = {}
+    for container in fig.axes[0].containers:  # one ErrorbarContainer a method: (marker, caps, (bar,))
+        (start, end), = container.lines[2][0].get_segments()
+        drawn[round(float(start[0]))] = sorted([float(start[1]), float(end[1])])
+    want = paired_differences(table, metric="nll_de", pairs=[("neftune", "mle"), ("is-K", "mle")], by="condition")
+    assert list(want["pairs"]) == [6, 5]
+    for pos, (_, row) in enumerate(want.iterrows()):
+        assert drawn[pos] == pytest.approx([row["ci_low"], row["ci_high"]], abs=1e-12)
+    assert "5-6 replicates" in fig.texts[0].get_text()
+    assert llm_shift.paired_panels(table[table["replicate"] == 0], ["nll_de"], ["de"], reference="mle",
+                                   ylabel="nats", title="t") is None  # one pair: no interval to draw
 
 
 def test_the_study_runs_from_the_command_line_and_resumes(fortunes, tmp_path, capsys):

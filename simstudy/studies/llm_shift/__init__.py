@@ -162,7 +162,8 @@ The package, one concept a module:
 * :mod:`.caches` -- the per-process base model, corpora and token pairs;
 * :mod:`.analysis` -- ``generate`` and ``analyse``;
 * :mod:`.build` -- the study-file builder and the environment check;
-* :mod:`.figures` -- :func:`shift_figures`, the figure hook;
+* :mod:`.figures` -- :func:`shift_figures`, the figure hook, and :func:`paired_panels` (the report's paired
+  intervals drawn);
 * :mod:`.pairs` -- :func:`evaluation_error`, the evaluation set's own error in a paired comparison
   (from the per-pair NLLs every method of a stored run keeps as artifacts).
 """
@@ -173,7 +174,7 @@ from .build import (FIGURE_HOOK, KIND, LLM_EXTRA, VERSION, build_study, check_en
                     from_table)
 from .caches import base_model, condition_pairs, token_pairs
 from .config import DESIGN_KEYS, EVAL_SCOPES, DataConfig, EvalConfig, ModelConfig, condition_data
-from .figures import method_panels, shift_figures
+from .figures import method_panels, paired_panels, shift_figures
 from .methods import BASELINES, METHOD_KEYS, LLMMethod, list_methods, method_from_table
 from .pairs import evaluation_error
 
@@ -182,7 +183,7 @@ __all__ = [
     "VERSION", "DataConfig", "EvalConfig", "LLMMethod", "ModelConfig", "RejectionBudget", "ShiftData",
     "base_model", "build_model", "build_study", "check_environment", "condition_data", "condition_pairs",
     "default_headline", "eval_scope", "evaluation_error", "from_table", "list_methods", "make_analyse", "make_generate",
-    "method_from_table", "method_panels", "perturbation_rms", "shift_figures", "token_pairs",
+    "method_from_table", "method_panels", "paired_panels", "perturbation_rms", "shift_figures", "token_pairs",
 ]
 
 spec.register_kind(KIND, build_study, tables=("model", "data", "evaluation", "defaults", "methods"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["method_panels", "shift_figures"]
+__all__ = ["method_panels", "paired_panels", "shift_figures"]
 
 
 def _split_labels(result, metric: str) -> list[str]:
@@ -19,6 +19,15 @@ def _split_labels(result, metric: str) -> list[str]:
                if c.startswith(metric + "_") and not c.endswith("_se")]  # nll_S_se: a split's own error
     order = [s for s in result.options.get("splits", []) if s in columns]
     return order + sorted(s for s in columns if s not in order and s != "ood") + (["ood"] if "ood" in columns else [])
+
+
+def _method_axis(ax, shown: list[str], panel: str) -> None:
+    """A panel's x axis: one tick per method shown, its title, horizontal grid lines, plain y numbers."""
+    ax.set_xticks(range(len(shown)), shown, rotation=60, fontsize=8)
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_title(panel, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
 def method_panels(table: pd.DataFrame, columns: list[str], titles: list[str], *, ylabel: str, title: str,
@@ -43,13 +52,9 @@ def method_panels(table: pd.DataFrame, columns: list[str], titles: list[str], *,
             mcse = v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else 0.0
             ax.errorbar([pos], [v.mean()], yerr=[z * mcse], fmt="o", capsize=4, ms=5,
                         color=COLORS[methods.index(m) % len(COLORS)])
-        ax.set_xticks(range(len(shown)), shown, rotation=60, fontsize=8)
-        ax.set_xlim(-0.6, len(shown) - 0.4)
-        ax.set_title(panel, fontsize=9)
-        ax.grid(True, axis="y", alpha=0.25)
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        _method_axis(ax, shown, panel)
     axes[0].set_ylabel(ylabel)
-    fig.suptitle(f"{title}\n(bars: +-{z:g} MCSE over replicates)", fontsize=10)
+    fig.suptitle(f"{title}\n(bars: ±{z:.3g} MCSE over replicates)", fontsize=10)
     return fig
 
 
@@ -78,22 +83,55 @@ def shift_figures(result, outdir) -> list[tuple[str, Path]]:
         out.append((title, save_figure(fig, outdir / fname)))
     labels = _split_labels(result, "nll")
     if "mle" in set(ok["method"]) and labels:
-        key = [c for c in ("condition", "replicate") if c in ok]
-        ref = ok[ok["method"] == "mle"].set_index(key)
-        diffs = ok[ok["method"] != "mle"].copy()
-        if not diffs.empty:
-            index = pd.MultiIndex.from_frame(diffs[key]) if len(key) > 1 else pd.Index(diffs[key[0]])
-            for s in labels:
-                diffs[f"dnll_{s}"] = diffs[f"nll_{s}"].to_numpy() - ref[f"nll_{s}"].reindex(index).to_numpy()
-            title = "NLL per token minus mle's, paired by replicate"
-            from scipy import stats  # bars: the paired t interval of the report's comparisons (R - 1 df)
-
-            pairs = int(diffs.groupby("method").size().max())
-            z = float(stats.t.ppf(0.975, pairs - 1)) if pairs > 1 else 1.96
-            fig = method_panels(diffs, [f"dnll_{s}" for s in labels], [names.get(s, s) for s in labels],
-                                ylabel="nats per token (below 0: better than mle)", methods=methods, z=z,
-                                title=f"{title}; t_{pairs - 1} quantile" if pairs > 1 else title)
-            for ax in fig.axes:
-                ax.axhline(0.0, color="0.4", lw=0.8)
-            out.append((title, save_figure(fig, outdir / "llm_shift_nll_vs_mle.png")))
+        fig = paired_panels(ok, [f"nll_{s}" for s in labels], [names.get(s, s) for s in labels],
+                            reference="mle", methods=methods, ylabel="nats per token (below 0: better than mle)",
+                            title="NLL per token minus mle's, paired by replicate")
+        if fig is not None:
+            out.append(("NLL per token minus mle's, paired by replicate",
+                        save_figure(fig, outdir / "llm_shift_nll_vs_mle.png")))
     return out
+
+
+def paired_panels(table: pd.DataFrame, metrics: list[str], titles: list[str], *, reference: str, ylabel: str,
+                  title: str, methods: list[str] | None = None, level: float = 0.95):
+    """One panel per metric: each method's mean paired difference from ``reference`` with its paired t interval.
+
+    The intervals are the report's (:func:`simstudy.engine.paired.paired_differences`: d_r over the
+    replicates where both rows are ok, mean +- t_{n-1} MCSE, each method with its own n), one marker
+    per condition (offset, with a legend, when there are several). None when no method has a pair.
+    """
+    from matplotlib.figure import Figure  # lazily: matplotlib is imported only when a figure is drawn
+
+    from ...engine.paired import paired_differences
+    from ...engine.plots import COLORS
+
+    methods = list(methods or dict.fromkeys(table["method"]))
+    shown = [m for m in methods if m != reference and m in set(table["method"])]
+    frames = [paired_differences(table, metric=m, pairs=[(s, reference) for s in shown], by="condition",
+                                 level=level) for m in metrics]
+    if not shown or all(f["pairs"].lt(2).all() for f in frames):
+        return None
+    conditions = list(dict.fromkeys(frames[0]["condition"]))
+    markers = "osD^v<>"
+    fig = Figure(figsize=(max(6.4, 2.4 * len(metrics) + 1.2), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, frame, panel in zip(axes, frames, titles):
+        for k, cond in enumerate(conditions):
+            rows = frame[frame["condition"] == cond]
+            offset = (k - (len(conditions) - 1) / 2) * 0.15
+            for _, row in rows.iterrows():
+                pos = shown.index(row["method"]) + offset
+                color = COLORS[methods.index(row["method"]) % len(COLORS)]
+                low, high = row["ci_low"], row["ci_high"]
+                yerr = [[row["difference"] - low], [high - row["difference"]]] if math.isfinite(low) else None
+                ax.errorbar([pos], [row["difference"]], yerr=yerr, fmt=markers[k % len(markers)], capsize=4, ms=5,
+                            color=color, label=f"condition {cond}" if row["method"] == shown[0] else None)
+        ax.axhline(0.0, color="0.4", lw=0.8)
+        _method_axis(ax, shown, panel)
+    axes[0].set_ylabel(ylabel)
+    if len(conditions) > 1:
+        axes[-1].legend(fontsize=7)
+    pairs = sorted({int(n) for f in frames for n in f["pairs"]})
+    counts = f"{pairs[0]} replicates" if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]} replicates"
+    fig.suptitle(f"{title}\n(bars: {level:.0%} paired t interval over {counts}, as in the report)", fontsize=10)
+    return fig
