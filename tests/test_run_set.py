@@ -42,3 +42,13 @@ def test_the_command_line_refuses_a_bad_override_before_running(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "teacher_law" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_file_after_set_is_named_in_the_error(tmp_path):
+    """``--set`` takes every value after it, so ``run --set KEY=V study.toml`` hands it the study file:
+    the one-line error says where the file goes."""
+    out = subprocess.run([sys.executable, "-m", "simstudy.cli", "run", "--out", str(tmp_path / "x"),
+                          "--set", "study.replicates=2", STUDY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "a study file goes before --set" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
