@@ -158,6 +158,31 @@ def test_the_paired_figure_draws_the_reports_intervals_with_each_methods_own_rep
                                    ylabel="nats", title="t") is None  # one pair: no interval to draw
 
 
+def test_checkpoint_sensitivity_is_least_squares_on_the_kept_steps_gap():
+    """d_r = a + b (step gap) + noise: the intercept and slope are numpy's least squares, their intervals
+    cover the truth here, and the equal-checkpoint subgroup is its own mean."""
+    import pandas as pd
+
+    rng = np.random.default_rng(11)
+    gaps = np.array([0, 0, 50, -50, 0, 100, 0, 50, -50, 0])
+    d = -0.01 + 0.0007 * gaps + rng.normal(0, 0.002, gaps.size)
+    rows = []
+    for r, (g, dr) in enumerate(zip(gaps, d)):
+        base = 4.6 + rng.normal(0, 0.02)
+        rows += [{"replicate": r, "method": "mle", "status": "ok", "nll_de": base, "fit_best_step": 100},
+                 {"replicate": r, "method": "is-K", "status": "ok", "nll_de": base + dr, "fit_best_step": 100 + g}]
+    out = llm_shift.checkpoint_sensitivity(pd.DataFrame(rows), method="is-K", reference="mle", metric="nll_de")
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones(gaps.size), gaps]), d, rcond=None)
+    assert out["intercept"] == pytest.approx(a, abs=1e-12) and out["slope"] == pytest.approx(b, abs=1e-12)
+    assert out["intercept_low"] < -0.01 < out["intercept_high"] and out["slope_low"] < 0.0007 < out["slope_high"]
+    assert out["pairs"] == 10 and out["same"] == 5
+    assert out["same_difference"] == pytest.approx(d[gaps == 0].mean(), abs=1e-12)
+    flat = pd.DataFrame(rows).assign(fit_best_step=100)  # no gap varies: no slope to fit
+    assert math.isnan(llm_shift.checkpoint_sensitivity(flat, method="is-K", reference="mle", metric="nll_de")["slope"])
+    with pytest.raises(ValueError, match="method='q2'"):
+        llm_shift.checkpoint_sensitivity(flat, method="q2", reference="mle", metric="nll_de")
+
+
 def test_the_study_runs_from_the_command_line_and_resumes(fortunes, tmp_path, capsys):
     path = tmp_path / "tiny.toml"
     path.write_text(_text(fortunes, **{"[methods.q2]\n": ""}))

@@ -165,7 +165,8 @@ The package, one concept a module:
 * :mod:`.figures` -- :func:`shift_figures`, the figure hook, and :func:`paired_panels` (the report's paired
   intervals drawn);
 * :mod:`.pairs` -- :func:`evaluation_error`, the evaluation set's own error in a paired comparison
-  (from the per-pair NLLs every method of a stored run keeps as artifacts).
+  (from the per-pair NLLs every method of a stored run keeps as artifacts), and
+  :func:`checkpoint_sensitivity`, how a paired difference goes with the checkpoints early stopping kept.
 """
 from .. import spec
 from .analysis import (EQUATION_STATS, RejectionBudget, ShiftData, build_model, eval_scope, make_analyse,
@@ -176,13 +177,13 @@ from .caches import base_model, condition_pairs, token_pairs
 from .config import DESIGN_KEYS, EVAL_SCOPES, DataConfig, EvalConfig, ModelConfig, condition_data
 from .figures import method_panels, paired_panels, shift_figures
 from .methods import BASELINES, METHOD_KEYS, LLMMethod, list_methods, method_from_table
-from .pairs import evaluation_error
+from .pairs import checkpoint_sensitivity, evaluation_error
 
 __all__ = [
     "BASELINES", "DESIGN_KEYS", "EQUATION_STATS", "EVAL_SCOPES", "FIGURE_HOOK", "KIND", "LLM_EXTRA", "METHOD_KEYS",
     "VERSION", "DataConfig", "EvalConfig", "LLMMethod", "ModelConfig", "RejectionBudget", "ShiftData",
     "base_model", "build_model", "build_study", "check_environment", "condition_data", "condition_pairs",
-    "default_headline", "eval_scope", "evaluation_error", "from_table", "list_methods", "make_analyse", "make_generate",
+    "checkpoint_sensitivity", "default_headline", "eval_scope", "evaluation_error", "from_table", "list_methods", "make_analyse", "make_generate",
     "method_from_table", "method_panels", "paired_panels", "perturbation_rms", "shift_figures", "token_pairs",
 ]
 
