@@ -164,6 +164,26 @@ def test_a_run_logs_plain_progress_lines_when_not_on_a_terminal():
     assert "\r" not in out.getvalue() and line.endswith("left")
 
 
+def test_a_reports_compute_time_reads_as_a_clock_past_a_minute():
+    """The report's header gives a long run's summed compute time as a clock too (42610 s: 11h50m)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from simstudy.engine.progress import clock
+    from simstudy.engine.report import report_facts
+
+    assert [clock(s) for s in (42, 185, 42610.3)] == ["42s", "3m05s", "11h50m"]
+
+    def facts(seconds):
+        return report_facts(SimpleNamespace(
+            manifest={"conditions": [{}], "replicates": 1, "seed": 0}, table=pd.DataFrame({"status": ["ok"]}),
+            expected_rows=1, methods=["m"], timings=pd.DataFrame({"seconds": [seconds]})))[2]
+
+    assert facts(42610.3) == "compute time (sum over rows): 42610.3 s (11h50m)"
+    assert facts(12.5) == "compute time (sum over rows): 12.5 s"
+
+
 def test_the_command_line_prints_the_decided_comparisons(tmp_path, capsys):
     from simstudy.cli import main
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["LogProgress", "make_progress"]
+__all__ = ["LogProgress", "clock", "make_progress"]
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """A duration as a short clock reading: ``42s``, ``3m05s``, ``11h50m``."""
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -43,9 +44,9 @@ class LogProgress:
     def line(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.start
         text = (f"simstudy: {self.name}: {self.done} of {self.total} {self.unit} done "
-                f"({100 * self.done / max(self.total, 1):.0f}%), {_clock(elapsed)} elapsed")
+                f"({100 * self.done / max(self.total, 1):.0f}%), {clock(elapsed)} elapsed")
         if 0 < self.done < self.total:
-            text += f", about {_clock(elapsed / self.done * (self.total - self.done))} left"
+            text += f", about {clock(elapsed / self.done * (self.total - self.done))} left"
         return text
 
     def close(self) -> None:

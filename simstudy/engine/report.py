@@ -12,6 +12,7 @@ import pandas as pd
 
 from .paired import comparison_parts
 from .performance import MEASURES
+from .progress import clock
 from .rates import RateResult
 from .storage import atomic_write_text
 
@@ -172,7 +173,8 @@ def report_facts(result) -> list[str]:
             f"condition: {man['replicates']}; root seed: {man['seed']}",
             f"rows finished: {len(t)} of {total}" + ("" if len(t) == total else " (INCOMPLETE: partial results)")
             + f"; failures: {n_fail}",
-            f"compute time (sum over rows): {secs:.1f} s" if math.isfinite(secs) else "compute time: unknown",
+            (f"compute time (sum over rows): {secs:.1f} s" + (f" ({clock(secs)})" if secs >= 60 else ""))
+            if math.isfinite(secs) else "compute time: unknown",
             f"config hash: `{man.get('config_hash', '')[:16]}`; simstudy {man.get('simstudy_version', '?')}; "
             f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             "seeds: replicate r of condition c draws from `numpy.random.SeedSequence(seed, spawn_key=(c, r))`"]
