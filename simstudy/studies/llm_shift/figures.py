@@ -83,12 +83,12 @@ def shift_figures(result, outdir) -> list[tuple[str, Path]]:
         out.append((title, save_figure(fig, outdir / fname)))
     labels = _split_labels(result, "nll")
     if "mle" in set(ok["method"]) and labels:
+        title = "NLL per token minus mle's, paired by replicate"
         fig = paired_panels(ok, [f"nll_{s}" for s in labels], [names.get(s, s) for s in labels],
                             reference="mle", methods=methods, ylabel="nats per token (below 0: better than mle)",
-                            title="NLL per token minus mle's, paired by replicate")
+                            title=title)
         if fig is not None:
-            out.append(("NLL per token minus mle's, paired by replicate",
-                        save_figure(fig, outdir / "llm_shift_nll_vs_mle.png")))
+            out.append((title, save_figure(fig, outdir / "llm_shift_nll_vs_mle.png")))
     return out
 
 
