@@ -179,6 +179,9 @@ def test_checkpoint_sensitivity_is_least_squares_on_the_kept_steps_gap():
     assert out["same_difference"] == pytest.approx(d[gaps == 0].mean(), abs=1e-12)
     flat = pd.DataFrame(rows).assign(fit_best_step=100)  # no gap varies: no slope to fit
     assert math.isnan(llm_shift.checkpoint_sensitivity(flat, method="is-K", reference="mle", metric="nll_de")["slope"])
+    two = pd.concat([pd.DataFrame(rows).assign(condition=1, nll_de=9.0), pd.DataFrame(rows).assign(condition=0)])
+    assert llm_shift.checkpoint_sensitivity(two, method="is-K", reference="mle", metric="nll_de")["slope"] == \
+        pytest.approx(b, abs=1e-12)  # one condition's rows, not the first row of any condition
     with pytest.raises(ValueError, match="method='q2'"):
         llm_shift.checkpoint_sensitivity(flat, method="q2", reference="mle", metric="nll_de")
 

@@ -55,11 +55,11 @@ def evaluation_error(store: str | os.PathLike, *, method: str, reference: str, s
 
 
 def checkpoint_sensitivity(table: pd.DataFrame, *, method: str, reference: str, metric: str,
-                           step: str = "fit_best_step", level: float = 0.95) -> dict:
+                           step: str = "fit_best_step", level: float = 0.95, condition: int = 0) -> dict:
     """Paired differences d_r = metric(method, r) - metric(reference, r) against the kept checkpoints' gap.
 
-    ``table``: a run's tidy table (``replicate``, ``method``, ``status``, ``metric``, ``step``; one
-    condition). Returns ``pairs``; ``same`` / ``same_difference`` / ``same_mcse`` (replicates where both
+    ``table``: a run's tidy table (``replicate``, ``method``, ``status``, ``metric``, ``step``; the rows of
+    ``condition`` when it has a ``condition`` column). Returns ``pairs``; ``same`` / ``same_difference`` / ``same_mcse`` (replicates where both
     kept the same step: their count, mean d and its MCSE); and the least-squares fit
     d_r = a + b (step_method - step_reference): ``intercept``, ``intercept_se``, ``intercept_low``,
     ``intercept_high``, ``slope``, ``slope_se``, ``slope_low``, ``slope_high`` (t intervals with pairs - 2
@@ -68,6 +68,8 @@ def checkpoint_sensitivity(table: pd.DataFrame, *, method: str, reference: str, 
     import statsmodels.api as sm  # lazily: only this reading needs it
 
     ok = table[table["status"] == "ok"] if "status" in table else table
+    if "condition" in ok:
+        ok = ok[ok["condition"] == condition]
     wide = ok.pivot_table(index="replicate", columns="method", values=[metric, step], aggfunc="first")
     for name in (method, reference):
         if name not in wide[metric]:
