@@ -27,7 +27,7 @@ def test_set_overrides_a_dgm_key_and_reads_toml_values():
     ("dgm.teacher_law=uniform", "teacher_law"),
     ("dgm.student_hidden=0", "student_hidden"),
     ("teacher_law=gaussian", "TABLE.KEY=VALUE"),
-    ("dgm.teacher_law", "TABLE.KEY=VALUE"),
+    ("dgm.teacher_law", r"TABLE.KEY=VALUE \(for example dgm.sigma=0.3\)$"),  # not a study file: no hint
     ("dgm.nosuch=1", "nosuch"),
 ])
 def test_bad_overrides_are_one_line(item, message):

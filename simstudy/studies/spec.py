@@ -224,7 +224,8 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
         path, sep, raw = item.partition("=")
         parts = path.strip().split(".")
         if not sep or len(parts) < 2 or not all(parts):
-            hint = "; a study file goes before --set, which takes every value after it" if not sep else ""
+            named_study = not sep and (item in STUDIES or item.endswith(".toml") or Path(item).is_file())
+            hint = "; a study file goes before --set, which takes every value after it" if named_study else ""
             raise SpecError(f"--set {item!r} is invalid; allowed: TABLE.KEY=VALUE (for example dgm.sigma=0.3){hint}")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
