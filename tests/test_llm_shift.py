@@ -154,6 +154,13 @@ def test_the_paired_figure_draws_the_reports_intervals_with_each_methods_own_rep
     for pos, (_, row) in enumerate(want.iterrows()):
         assert drawn[pos] == pytest.approx([row["ci_low"], row["ci_high"]], abs=1e-12)
     assert "5-6 replicates" in fig.texts[0].get_text()
+    one = table[~((table["method"] == "is-K") & (table["replicate"] > 0))]  # is-K: one pair, no interval
+    fig = llm_shift.paired_panels(one, ["nll_de"], ["de"], reference="mle", ylabel="nats", title="t")
+    assert len(fig.axes[0].containers) == 1 and "6 replicates" in fig.texts[0].get_text()  # NEFTune only
+    two = pd.concat([table, table.assign(condition=1)])
+    fig = llm_shift.paired_panels(two, ["nll_de"], ["de"], reference="mle", ylabel="nats", title="t")
+    assert len(fig.axes[0].containers) == 4
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["condition 0", "condition 1"]
     assert llm_shift.paired_panels(table[table["replicate"] == 0], ["nll_de"], ["de"], reference="mle",
                                    ylabel="nats", title="t") is None  # one pair: no interval to draw
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["method_panels", "paired_panels", "shift_figures"]
@@ -109,9 +110,10 @@ def paired_panels(table: pd.DataFrame, metrics: list[str], titles: list[str], *,
     shown = [m for m in methods if m != reference and m in set(table["method"])]
     frames = [paired_differences(table, metric=m, pairs=[(s, reference) for s in shown], by="condition",
                                  level=level) for m in metrics]
-    if not shown or all(f["pairs"].lt(2).all() for f in frames):
+    frames = [f[np.isfinite(f["ci_low"].to_numpy(float))] for f in frames]  # no interval (< 2 pairs): not drawn
+    if not shown or all(f.empty for f in frames):
         return None
-    conditions = list(dict.fromkeys(frames[0]["condition"]))
+    conditions = list(dict.fromkeys(c for f in frames for c in f["condition"]))
     markers = "osD^v<>"
     fig = Figure(figsize=(max(6.4, 2.4 * len(metrics) + 1.2), 4.2), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -119,13 +121,12 @@ def paired_panels(table: pd.DataFrame, metrics: list[str], titles: list[str], *,
         for k, cond in enumerate(conditions):
             rows = frame[frame["condition"] == cond]
             offset = (k - (len(conditions) - 1) / 2) * 0.15
-            for _, row in rows.iterrows():
+            for i, (_, row) in enumerate(rows.iterrows()):
                 pos = shown.index(row["method"]) + offset
                 color = COLORS[methods.index(row["method"]) % len(COLORS)]
-                low, high = row["ci_low"], row["ci_high"]
-                yerr = [[row["difference"] - low], [high - row["difference"]]] if math.isfinite(low) else None
+                yerr = [[row["difference"] - row["ci_low"]], [row["ci_high"] - row["difference"]]]
                 ax.errorbar([pos], [row["difference"]], yerr=yerr, fmt=markers[k % len(markers)], capsize=4, ms=5,
-                            color=color, label=f"condition {cond}" if row["method"] == shown[0] else None)
+                            color=color, label=f"condition {cond}" if i == 0 else None)
         ax.axhline(0.0, color="0.4", lw=0.8)
         _method_axis(ax, shown, panel)
     axes[0].set_ylabel(ylabel)
